@@ -1,0 +1,167 @@
+"""The `ddm` command line. Each sub-command converts its options into a typed config and
+calls one library function; a user-fixable problem prints one line and exits with code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from ddm_nodes.errors import DDMError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Decentralized Diffusion Models: experts trained apart, served together.",
+)
+EXIT_USAGE = 2
+
+
+@app.callback()
+def _main() -> None:
+    """Decentralized Diffusion Models: experts trained apart, served together."""
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn DDMError and config validation errors into one line on stderr and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DDMError as e:
+            _fail(str(e))
+        except ValidationError as e:
+            first = e.errors()[0]
+            option = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
+            _fail(f"{option}: {first['msg']}")
+
+    return wrapper
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(EXIT_USAGE)
+
+
+@app.command()
+@user_errors
+def prepare(
+    store: Annotated[str, typer.Option(help="store URI: PATH, file:///PATH or s3://BUCKET/PREFIX")],
+    dataset: Annotated[
+        str, typer.Option(help="fashion-mnist | mnist-5k | digits | folder:PATH | wds:URL_PATTERN")
+    ] = "fashion-mnist",
+    clusters: Annotated[int, typer.Option(help="K: data clusters, one expert each")] = 8,
+    features: Annotated[
+        str, typer.Option(help="feature space for clustering: pca | pixels")
+    ] = "pca",
+    feature_dims: Annotated[int, typer.Option(help="PCA dimensions")] = 64,
+    shard_size: Annotated[int, typer.Option(help="samples per WebDataset shard")] = 2000,
+    seed: Annotated[int, typer.Option(help="seeds PCA, k-means and the held-out split")] = 0,
+    heldout: Annotated[float, typer.Option(help="held-out fraction, stratified by cluster")] = 0.1,
+    image_size: Annotated[int | None, typer.Option(help="resize images to N x N")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a dataset already in the store")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Cluster a data set and write per-cluster WebDataset shards into a store."""
+    from cluster_jobs.prepare import PrepareConfig
+    from cluster_jobs.prepare import prepare as run_prepare
+
+    cfg = PrepareConfig(
+        dataset=dataset,
+        clusters=clusters,
+        store=store,
+        features=features,
+        feature_dims=feature_dims,
+        shard_size=shard_size,
+        seed=seed,
+        heldout_fraction=heldout,
+        image_size=image_size,
+        overwrite=overwrite,
+    )
+    with _progress(disable=as_json) as report:
+        result = run_prepare(cfg, report)
+    m = result.manifest
+    summary = {
+        "store": cfg.store,
+        "source": m.source,
+        "images": m.count,
+        "image_shape": list(m.image_shape),
+        "clusters": m.num_clusters,
+        "train_counts": [c.count for c in m.train],
+        "heldout_counts": [c.count for c in m.heldout],
+        "largest_smallest_ratio": round(m.stats.largest_smallest_ratio, 3),
+        "silhouette": None if m.stats.silhouette is None else round(m.stats.silhouette, 4),
+        "features": m.features.model_dump(exclude={"sha256"}),
+        "shards": sum(len(c.shards) for c in m.train + m.heldout),
+        "seconds": result.seconds,
+    }
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        _print_cluster_table(summary)
+
+
+def _print_cluster_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['source']} -> {summary['clusters']} clusters")
+    for col in ("cluster", "train", "held-out", "share"):
+        table.add_column(col, justify="right")
+    for k, (tr, ho) in enumerate(
+        zip(summary["train_counts"], summary["heldout_counts"], strict=True)
+    ):
+        table.add_row(str(k), str(tr), str(ho), f"{(tr + ho) / summary['images']:.1%}")
+    console = Console()
+    console.print(table)
+    sil = summary["silhouette"]
+    console.print(
+        f"images {summary['images']} {tuple(summary['image_shape'])}  "
+        f"largest/smallest {summary['largest_smallest_ratio']:.2f}  "
+        f"silhouette {'n/a' if sil is None else f'{sil:.3f}'}  "
+        f"features {summary['features']['method']}-{summary['features']['dims']}  "
+        f"shards {summary['shards']}  in {summary['seconds']['total']:.1f} s\n"
+        f"wrote {summary['store']}"
+    )
+
+
+class _progress:
+    """A rich progress bar fed by (what, done, total) callbacks, on stderr."""
+
+    def __init__(self, disable: bool = False):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            disable=disable,
+            transient=True,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> Callable[[str, int, int], None]:
+        self.bar.start()
+        return self.report
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()
+
+    def report(self, what: str, done: int, total: int) -> None:
+        if what not in self.tasks:
+            self.tasks[what] = self.bar.add_task(what, total=total)
+        self.bar.update(self.tasks[what], completed=done, total=total)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,164 @@
+"""Per-cluster WebDataset shards: writing them into a store and streaming them back.
+
+A shard is a plain tar of samples `KEY.png`, `KEY.cls` (label, when the data set has one)
+and `KEY.cluster.txt`, where KEY is the image's index in its source. Shards are written
+deterministically (sorted entries, mtime 0), so the same data and seed give the same sha256.
+
+Reading goes through the store: each shard is fetched whole, its sha256 checked against the
+manifest, and only then expanded. A shard is at most `shard_size` small images, so holding
+one in memory is cheap, and a corrupted or replaced shard is refused before any of its
+samples reaches a model.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from ddm_nodes.dataset_manifest import ClusterShards, DatasetManifest, ShardEntry, Split, shard_key
+from ddm_nodes.errors import IntegrityError
+from ddm_nodes.pixels import to_model_range
+from ddm_nodes.store import Store, open_store, open_url, sha256_bytes
+
+log = logging.getLogger(__name__)
+NO_LABEL = -1  # what `label` holds for data sets without labels
+
+
+def register_s3_opener() -> None:
+    """Let WebDataset open `s3://` URLs with boto3 streaming (no aws CLI, no s3fs)."""
+
+    def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
+        if mode != "rb":
+            raise ValueError(f"s3 URLs are read-only in WebDataset here, not {mode!r}")
+        return open_url(url)
+
+    wds.gopen_schemes["s3"] = gopen_s3
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, C) uint8 -> PNG bytes (grayscale when C == 1)."""
+    buf = io.BytesIO()
+    # Level 1: small images compress about as well as at the default 6, in 2/3 of the time.
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+        buf, format="PNG", compress_level=1
+    )
+    return buf.getvalue()
+
+
+def write_cluster_shards(
+    store: Store,
+    split: Split,
+    cluster: int,
+    keys: Sequence[str],
+    images: np.ndarray,
+    labels: Sequence[int] | None,
+    shard_size: int,
+) -> ClusterShards:
+    """Write one cluster's samples (images uint8 (n, H, W, C)) as shards of at most
+    `shard_size`; returns their manifest entries."""
+    entries: list[ShardEntry] = []
+    batch: list[dict[str, Any]] = []
+    for i, key in enumerate(keys):
+        sample = {
+            "__key__": key,
+            "png": encode_png(images[i]),
+            "cluster.txt": str(cluster).encode(),
+        }
+        if labels is not None:
+            sample["cls"] = str(labels[i]).encode()
+        batch.append(sample)
+        if len(batch) == shard_size:
+            entries.append(_put_shard(store, shard_key(split, cluster, len(entries)), batch))
+            batch = []
+    if batch:
+        entries.append(_put_shard(store, shard_key(split, cluster, len(entries)), batch))
+    return ClusterShards(cluster=cluster, count=sum(e.count for e in entries), shards=entries)
+
+
+def _put_shard(store: Store, key: str, samples: list[dict[str, Any]]) -> ShardEntry:
+    buf = io.BytesIO()
+    # ustar with integer mtime: no per-entry PAX header (half the size, twice the speed).
+    with wds.TarWriter(
+        buf, encoder=False, mtime=0, user="ddm", group="ddm", format=tarfile.USTAR_FORMAT
+    ) as sink:
+        for sample in samples:
+            sink.write(sample)
+    data = buf.getvalue()
+    store.put_bytes(key, data)
+    return ShardEntry(key=key, uri=store.url(key), sha256=sha256_bytes(data), count=len(samples))
+
+
+def cluster_dataset(
+    store: Store | str,
+    cluster: int,
+    split: Split = "train",
+    *,
+    manifest: DatasetManifest | None = None,
+    shuffle: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> wds.DataPipeline:
+    """Stream ONE cluster's samples as dicts {key, image (C, H, W) float in [-1, 1],
+    label (int, NO_LABEL when unlabelled), cluster}.
+
+    Only that cluster's shards are ever opened. `rank`/`world_size` give each data-parallel
+    worker a disjoint subset of shards (all of them when there are fewer shards than ranks,
+    so no rank runs dry); DataLoader workers split further.
+    """
+    store = open_store(store) if isinstance(store, str) else store
+    manifest = manifest or DatasetManifest.load(store)
+    shards = manifest.shards(split, cluster)
+    own_prefix = shard_key(split, cluster, 0).rsplit("/", 1)[0] + "/"
+    for s in shards:
+        if not s.key.startswith(own_prefix):  # isolation: never read another cluster's data
+            raise IntegrityError(f"manifest lists {s.key} under cluster {cluster}; re-run prepare")
+    if world_size > 1 and len(shards) >= world_size:
+        shards = shards[rank::world_size]
+    stages: list[Any] = [
+        wds.SimpleShardList([s.key for s in shards]),
+        wds.split_by_worker,
+        _verified_opener(store, {s.key: s.sha256 for s in shards}),
+        wds.tariterators.tar_file_expander,
+        wds.tariterators.group_by_keys,
+    ]
+    if shuffle:
+        stages.append(wds.shuffle(shuffle, seed=seed))
+    stages.append(wds.map(lambda s: _decode_sample(s, cluster)))
+    return wds.DataPipeline(*stages)
+
+
+def _verified_opener(store: Store, sha_by_key: dict[str, str]):
+    def open_shards(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for item in src:
+            key = item["url"]
+            data = store.get_verified(key, sha_by_key[key])
+            log.info("reading shard %s (%d bytes, sha256 verified)", store.url(key), len(data))
+            yield {"url": store.url(key), "stream": io.BytesIO(data)}
+
+    return open_shards
+
+
+def _decode_sample(sample: dict[str, Any], cluster: int) -> dict[str, Any]:
+    got = int(sample["cluster.txt"])
+    if got != cluster:
+        raise IntegrityError(
+            f"sample {sample['__key__']} in {sample['__url__']} belongs to cluster {got}, "
+            f"not {cluster}; re-run prepare"
+        )
+    pixels = np.asarray(Image.open(io.BytesIO(sample["png"])))
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    return {
+        "key": sample["__key__"],
+        "image": to_model_range(pixels),
+        "label": int(sample["cls"]) if "cls" in sample else NO_LABEL,
+        "cluster": got,
+    }

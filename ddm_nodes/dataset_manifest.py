@@ -1,0 +1,144 @@
+"""`dataset.json`: what `ddm prepare` wrote into a store, and the only way to find it.
+
+The manifest is written last and atomically, so a store either has a complete, consistent
+dataset or none. Every shard it lists carries the sha256 and sample count it was written
+with; readers verify them and refuse a shard that changed.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ddm_nodes import __version__
+from ddm_nodes.errors import ManifestError
+from ddm_nodes.store import Store
+
+MANIFEST_KEY = "dataset.json"
+FEATURES_KEY = "features.safetensors"
+FORMAT_VERSION = 1
+Split = Literal["train", "heldout"]
+SPLIT_PREFIX: dict[str, str] = {"train": "shards", "heldout": "heldout"}
+
+
+def shard_key(split: Split, cluster: int, index: int) -> str:
+    return f"{SPLIT_PREFIX[split]}/cluster-{cluster:03d}/shard-{index:06d}.tar"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShardEntry(_Strict):
+    key: str = Field(description="path under the store root; what readers open")
+    uri: str = Field(description="absolute URI where the shard was written")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    count: int = Field(ge=1, description="samples in the shard")
+
+
+class ClusterShards(_Strict):
+    cluster: int = Field(ge=0)
+    count: int = Field(ge=0, description="samples over all of this cluster's shards")
+    shards: list[ShardEntry]
+
+    @model_validator(mode="after")
+    def _counts_add_up(self) -> ClusterShards:
+        if sum(s.count for s in self.shards) != self.count:
+            raise ValueError(f"cluster {self.cluster}: shard counts do not add up to {self.count}")
+        return self
+
+
+class FeatureSpec(_Strict):
+    method: str = Field(description="feature extractor name, e.g. 'pca' or 'pixels'")
+    dims: int = Field(ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of features.safetensors")
+
+
+class ClusterStats(_Strict):
+    counts: list[int] = Field(description="images per cluster, both splits")
+    largest_smallest_ratio: float
+    silhouette: float | None = Field(ge=-1, le=1, description="None where undefined")
+    silhouette_sample: int = Field(ge=2)
+    inertia: float
+
+
+class DatasetManifest(_Strict):
+    format_version: int = FORMAT_VERSION
+    source: str
+    image_shape: tuple[int, int, int] = Field(description="(height, width, channels)")
+    channels: int = Field(ge=1)
+    count: int = Field(ge=2, description="images over both splits")
+    num_clusters: int = Field(ge=2)
+    class_names: list[str] | None = Field(
+        default=None, description="label id -> name; None when the data set has no labels"
+    )
+    features: FeatureSpec
+    seed: int
+    heldout_fraction: float = Field(ge=0, lt=1)
+    stats: ClusterStats
+    train: list[ClusterShards]
+    heldout: list[ClusterShards]
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    ddm_version: str = __version__
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetManifest:
+        if self.image_shape[2] != self.channels:
+            raise ValueError("image_shape[2] must equal channels")
+        for split in (self.train, self.heldout):
+            if [c.cluster for c in split] != list(range(self.num_clusters)):
+                raise ValueError("each split must list clusters 0..K-1 in order")
+        total = sum(c.count for c in self.train) + sum(c.count for c in self.heldout)
+        if total != self.count:
+            raise ValueError(f"shard counts add up to {total}, not count={self.count}")
+        return self
+
+    @property
+    def labelled(self) -> bool:
+        return self.class_names is not None
+
+    def shards(self, split: Split, cluster: int) -> list[ShardEntry]:
+        if not 0 <= cluster < self.num_clusters:
+            raise ManifestError(
+                f"cluster {cluster} is out of range: this store has clusters "
+                f"0..{self.num_clusters - 1}"
+            )
+        return (self.train if split == "train" else self.heldout)[cluster].shards
+
+    def save(self, store: Store) -> None:
+        store.put_bytes(MANIFEST_KEY, self.model_dump_json(indent=2).encode())
+
+    @classmethod
+    def load(cls, store: Store) -> DatasetManifest:
+        if not store.exists(MANIFEST_KEY):
+            raise ManifestError(
+                f"no {MANIFEST_KEY} in store {store.uri}: "
+                f"run `ddm prepare --store {store.uri}` first"
+            )
+        return cls.from_json(store.get_bytes(MANIFEST_KEY), where=store.url(MANIFEST_KEY))
+
+    @classmethod
+    def from_json(cls, data: bytes | str, where: str = MANIFEST_KEY) -> DatasetManifest:
+        try:
+            raw = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{where} is not valid JSON ({e}); re-run `ddm prepare`") from e
+        version = raw.get("format_version") if isinstance(raw, dict) else None
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise ManifestError(
+                f"{where} has format version {version}, newer than this ddm {__version__} "
+                f"reads ({FORMAT_VERSION}): upgrade ddm"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "(root)"
+            raise ManifestError(
+                f"{where} is not a valid dataset manifest ({field}: {first['msg']}); "
+                "re-run `ddm prepare --overwrite`"
+            ) from e

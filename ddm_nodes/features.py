@@ -1,0 +1,204 @@
+"""The feature space the data was clustered in, and the cluster centroids inside it.
+
+`features.safetensors` holds a fitted extractor's tensors and the K centroids, so any
+image (a real one, or a denoised estimate x̂_0 mid-sampling) can be embedded into the same
+space as the training data and its distance to every cluster measured. Extractors are
+pluggable: subclass `FeatureExtractor`, give it a `method` name and register it with
+`@register_extractor`; a DINOv2 extractor for users who can load its weights fits here.
+
+Images enter as float tensors (N, C, H, W) in [-1, 1], the same range the models see.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ddm_nodes.dataset_manifest import FEATURES_KEY, DatasetManifest
+from ddm_nodes.errors import ManifestError
+from ddm_nodes.store import Store, sha256_bytes
+
+FEATURE_EXTRACTORS: dict[str, type[FeatureExtractor]] = {}
+
+
+def register_extractor(cls: type[FeatureExtractor]) -> type[FeatureExtractor]:
+    FEATURE_EXTRACTORS[cls.method] = cls
+    return cls
+
+
+class FeatureExtractor(ABC):
+    """Maps images to feature vectors; fitted once on the data set, then frozen."""
+
+    method: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def fit(cls, images: torch.Tensor, dims: int, seed: int) -> FeatureExtractor: ...
+
+    @abstractmethod
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [-1, 1] -> (N, D) float32."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]: ...
+
+    @classmethod
+    @abstractmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]): ...
+
+    @property
+    @abstractmethod
+    def dims(self) -> int: ...
+
+
+@register_extractor
+class PCAFeatures(FeatureExtractor):
+    """PCA of the flattened pixels (scikit-learn's exact covariance solver: deterministic)."""
+
+    method = "pca"
+
+    def __init__(self, mean: torch.Tensor, components: torch.Tensor, explained: float):
+        self.mean = mean.float()  # (P,)
+        self.components = components.float()  # (D, P)
+        self.explained = explained
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, dims: int, seed: int) -> PCAFeatures:
+        from sklearn.decomposition import PCA
+
+        x = images.reshape(len(images), -1).float().numpy()
+        dims = min(dims, x.shape[0], x.shape[1])
+        # covariance_eigh costs O(P^3) once, independent of N: the fast exact choice for
+        # many small images, and free of randomised-solver noise.
+        pca = PCA(n_components=dims, svd_solver="covariance_eigh", random_state=seed).fit(x)
+        return cls(
+            torch.from_numpy(pca.mean_.astype(np.float32)),
+            torch.from_numpy(pca.components_.astype(np.float32)),
+            float(pca.explained_variance_ratio_.sum()),
+        )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.reshape(len(images), -1).to(self.mean)  # (N, P)
+        return (x - self.mean) @ self.components.T  # (N, D)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "components": self.components}
+
+    def params(self) -> dict[str, Any]:
+        return {"explained_variance_ratio": round(self.explained, 6)}
+
+    @classmethod
+    def from_tensors(cls, tensors, params) -> PCAFeatures:
+        return cls(
+            tensors["mean"], tensors["components"], params.get("explained_variance_ratio", 0)
+        )
+
+    @property
+    def dims(self) -> int:
+        return self.components.shape[0]
+
+
+@register_extractor
+class PixelFeatures(FeatureExtractor):
+    """The flattened pixels themselves (no fitting)."""
+
+    method = "pixels"
+
+    def __init__(self, num_pixels: int):
+        self.num_pixels = num_pixels
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, dims: int, seed: int) -> PixelFeatures:
+        return cls(images[0].numel())
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return images.reshape(len(images), -1).float()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def params(self) -> dict[str, Any]:
+        return {"num_pixels": self.num_pixels}
+
+    @classmethod
+    def from_tensors(cls, tensors, params) -> PixelFeatures:
+        return cls(int(params["num_pixels"]))
+
+    @property
+    def dims(self) -> int:
+        return self.num_pixels
+
+
+def get_extractor(method: str) -> type[FeatureExtractor]:
+    try:
+        return FEATURE_EXTRACTORS[method]
+    except KeyError:
+        raise ValueError(
+            f"unknown feature method {method!r}; expected one of {sorted(FEATURE_EXTRACTORS)}"
+        ) from None
+
+
+class FeatureSpace:
+    """A fitted extractor plus the K cluster centroids in its space."""
+
+    def __init__(self, extractor: FeatureExtractor, centroids: torch.Tensor):
+        self.extractor = extractor
+        self.centroids = centroids.float()  # (K, D)
+
+    @property
+    def num_clusters(self) -> int:
+        return self.centroids.shape[0]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extractor.embed(images)
+
+    def distances(self, images: torch.Tensor) -> torch.Tensor:
+        """Euclidean distance from each image's features to each centroid: (N, K)."""
+        z = self.embed(images)
+        return torch.cdist(z, self.centroids.to(z))
+
+    def to_bytes(self) -> bytes:
+        tensors = {f"extractor.{k}": v.contiguous() for k, v in self.extractor.tensors().items()}
+        tensors["centroids"] = self.centroids.contiguous()
+        meta = {"method": self.extractor.method, "params": json.dumps(self.extractor.params())}
+        return save_safetensors(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> FeatureSpace:
+        tensors = load_safetensors(data)
+        meta = _safetensors_metadata(data)
+        extractor_cls = get_extractor(meta.get("method", "?"))
+        inner = {k.removeprefix("extractor."): v for k, v in tensors.items() if k != "centroids"}
+        extractor = extractor_cls.from_tensors(inner, json.loads(meta.get("params", "{}")))
+        return cls(extractor, tensors["centroids"])
+
+    def save(self, store: Store) -> str:
+        """Write `features.safetensors`; returns its sha256 for the manifest."""
+        data = self.to_bytes()
+        store.put_bytes(FEATURES_KEY, data)
+        return sha256_bytes(data)
+
+    @classmethod
+    def load(cls, store: Store, manifest: DatasetManifest) -> FeatureSpace:
+        space = cls.from_bytes(store.get_verified(FEATURES_KEY, manifest.features.sha256))
+        if space.num_clusters != manifest.num_clusters:
+            raise ManifestError(
+                f"{store.url(FEATURES_KEY)} has {space.num_clusters} centroids but the "
+                f"manifest says K={manifest.num_clusters}; re-run `ddm prepare --overwrite`"
+            )
+        return space
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The header's `__metadata__` (safetensors: u64 little-endian length, then JSON)."""
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
