@@ -85,7 +85,7 @@ def prepare(
         image_size=image_size,
         overwrite=overwrite,
     )
-    with _progress(disable=as_json) as report:
+    with _progress(disable=as_json or not sys.stderr.isatty()) as report:
         result = run_prepare(cfg, report)
     m = result.manifest
     summary = {

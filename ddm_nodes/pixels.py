@@ -12,11 +12,11 @@ import torch
 
 def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, C) or (H, W, C) -> float32 (N, C, H, W) / (C, H, W) in [-1, 1]."""
-    x = torch.as_tensor(images)
-    if x.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 pixels, got {x.dtype}")
-    x = x.movedim(-1, -3).float()
-    return x / 127.5 - 1.0
+    if images.dtype not in (np.uint8, torch.uint8):
+        raise TypeError(f"expected uint8 pixels, got {images.dtype}")
+    # Converting in numpy first also copies read-only arrays (PIL, np.frombuffer).
+    x = torch.from_numpy(images.astype(np.float32)) if isinstance(images, np.ndarray) else images
+    return x.movedim(-1, -3).float() / 127.5 - 1.0
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
