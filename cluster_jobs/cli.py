@@ -3,16 +3,15 @@ calls one library function; a user-fixable problem prints one line and exits wit
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
-from ddm_nodes.errors import DDMError
+from cluster_jobs.train_commands import COMMANDS
+from cluster_jobs.user_errors import user_errors
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -20,34 +19,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Decentralized Diffusion Models: experts trained apart, served together.",
 )
-EXIT_USAGE = 2
 
 
 @app.callback()
 def _main() -> None:
     """Decentralized Diffusion Models: experts trained apart, served together."""
-
-
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn DDMError and config validation errors into one line on stderr and exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except DDMError as e:
-            _fail(str(e))
-        except ValidationError as e:
-            first = e.errors()[0]
-            option = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
-            _fail(f"{option}: {first['msg']}")
-
-    return wrapper
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise typer.Exit(EXIT_USAGE)
 
 
 @app.command()
@@ -106,6 +82,14 @@ def prepare(
         print(json.dumps(summary))
     else:
         _print_cluster_table(summary)
+
+
+train_app = typer.Typer(
+    no_args_is_help=True, help="Train an expert, the router or the monolith as a Ray Train job."
+)
+app.add_typer(train_app, name="train")
+for _name, _command in COMMANDS.items():
+    train_app.command(_name)(_command)
 
 
 def _print_cluster_table(summary: dict[str, Any]) -> None:

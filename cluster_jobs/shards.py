@@ -22,13 +22,19 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from ddm_nodes.dataset_manifest import ClusterShards, DatasetManifest, ShardEntry, Split, shard_key
+from ddm_nodes.dataset_manifest import (
+    NULL_LABEL,
+    ClusterShards,
+    DatasetManifest,
+    ShardEntry,
+    Split,
+    shard_key,
+)
 from ddm_nodes.errors import IntegrityError
 from ddm_nodes.pixels import to_model_range
 from ddm_nodes.store import Store, open_store, open_url, sha256_bytes
 
 log = logging.getLogger(__name__)
-NO_LABEL = -1  # what `label` holds for data sets without labels
 
 
 def register_s3_opener() -> None:
@@ -96,8 +102,17 @@ def _put_shard(store: Store, key: str, samples: list[dict[str, Any]]) -> ShardEn
 
 
 def cluster_dataset(
+    store: Store | str, cluster: int, split: Split = "train", **kwargs: Any
+) -> wds.DataPipeline:
+    """Stream ONE cluster's samples as dicts {key, image (C, H, W) float in [-1, 1],
+    label (int, NULL_LABEL when unlabelled), cluster}. Only that cluster's shards are
+    ever opened: what an expert job reads."""
+    return clusters_dataset(store, [cluster], split, **kwargs)
+
+
+def clusters_dataset(
     store: Store | str,
-    cluster: int,
+    clusters: Sequence[int],
     split: Split = "train",
     *,
     manifest: DatasetManifest | None = None,
@@ -106,21 +121,27 @@ def cluster_dataset(
     rank: int = 0,
     world_size: int = 1,
 ) -> wds.DataPipeline:
-    """Stream ONE cluster's samples as dicts {key, image (C, H, W) float in [-1, 1],
-    label (int, NO_LABEL when unlabelled), cluster}.
+    """Stream the samples of the given clusters (see `cluster_dataset`).
 
-    Only that cluster's shards are ever opened. `rank`/`world_size` give each data-parallel
-    worker a disjoint subset of shards (all of them when there are fewer shards than ranks,
-    so no rank runs dry); DataLoader workers split further.
+    With `shuffle`, shard order and a `shuffle`-sample buffer are shuffled with `seed`.
+    `rank`/`world_size` give each data-parallel worker a disjoint share: whole shards when
+    there are at least as many shards as ranks, else every world_size-th sample.
     """
     store = open_store(store) if isinstance(store, str) else store
     manifest = manifest or DatasetManifest.load(store)
-    shards = manifest.shards(split, cluster)
-    own_prefix = shard_key(split, cluster, 0).rsplit("/", 1)[0] + "/"
-    for s in shards:
-        if not s.key.startswith(own_prefix):  # isolation: never read another cluster's data
-            raise IntegrityError(f"manifest lists {s.key} under cluster {cluster}; re-run prepare")
-    if world_size > 1 and len(shards) >= world_size:
+    shards: list[ShardEntry] = []
+    for cluster in clusters:
+        own_prefix = shard_key(split, cluster, 0).rsplit("/", 1)[0] + "/"
+        for s in manifest.shards(split, cluster):
+            if not s.key.startswith(own_prefix):  # isolation: never read another cluster's data
+                raise IntegrityError(
+                    f"manifest lists {s.key} under cluster {cluster}; re-run prepare"
+                )
+            shards.append(s)
+    if shuffle:
+        shards = [shards[i] for i in np.random.default_rng(seed).permutation(len(shards))]
+    by_shard = world_size > 1 and len(shards) >= world_size
+    if by_shard:
         shards = shards[rank::world_size]
     stages: list[Any] = [
         wds.SimpleShardList([s.key for s in shards]),
@@ -129,10 +150,22 @@ def cluster_dataset(
         wds.tariterators.tar_file_expander,
         wds.tariterators.group_by_keys,
     ]
+    if world_size > 1 and not by_shard:
+        stages.append(_every_nth(rank, world_size))
     if shuffle:
         stages.append(wds.shuffle(shuffle, seed=seed))
-    stages.append(wds.map(lambda s: _decode_sample(s, cluster)))
+    allowed = frozenset(clusters)
+    stages.append(wds.map(lambda s: _decode_sample(s, allowed)))
     return wds.DataPipeline(*stages)
+
+
+def _every_nth(offset: int, n: int):
+    def select(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for i, sample in enumerate(src):
+            if i % n == offset:
+                yield sample
+
+    return select
 
 
 def _verified_opener(store: Store, sha_by_key: dict[str, str]):
@@ -146,12 +179,12 @@ def _verified_opener(store: Store, sha_by_key: dict[str, str]):
     return open_shards
 
 
-def _decode_sample(sample: dict[str, Any], cluster: int) -> dict[str, Any]:
+def _decode_sample(sample: dict[str, Any], allowed: frozenset[int]) -> dict[str, Any]:
     got = int(sample["cluster.txt"])
-    if got != cluster:
+    if got not in allowed:
         raise IntegrityError(
             f"sample {sample['__key__']} in {sample['__url__']} belongs to cluster {got}, "
-            f"not {cluster}; re-run prepare"
+            f"not {sorted(allowed)}; re-run prepare"
         )
     pixels = np.asarray(Image.open(io.BytesIO(sample["png"])))
     if pixels.ndim == 2:
@@ -159,6 +192,6 @@ def _decode_sample(sample: dict[str, Any], cluster: int) -> dict[str, Any]:
     return {
         "key": sample["__key__"],
         "image": to_model_range(pixels),
-        "label": int(sample["cls"]) if "cls" in sample else NO_LABEL,
+        "label": int(sample["cls"]) if "cls" in sample else NULL_LABEL,
         "cluster": got,
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +172,7 @@ def _wds(pattern: str, image_size: int | None) -> ImageSet:
             labels.append(int(sample["cls"]) if "cls" in sample else None)
     except DDMError:
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, tarfile.TarError) as e:  # TarError: not a tar, truncated
         raise DDMError(f"cannot read WebDataset shards {pattern!r}: {e}") from e
     if not decoded:
         raise DDMError(f"no samples in WebDataset shards {pattern!r}; check the URL pattern")

@@ -17,6 +17,7 @@ from ddm_nodes import __version__
 from ddm_nodes.errors import ManifestError
 from ddm_nodes.store import Store
 
+NULL_LABEL = -1  # an unlabelled sample; also the dropped ("null") class of guidance
 MANIFEST_KEY = "dataset.json"
 FEATURES_KEY = "features.safetensors"
 FORMAT_VERSION = 1

@@ -169,16 +169,22 @@ class FeatureSpace:
     def to_bytes(self) -> bytes:
         tensors = {f"extractor.{k}": v.contiguous() for k, v in self.extractor.tensors().items()}
         tensors["centroids"] = self.centroids.contiguous()
-        meta = {"method": self.extractor.method, "params": json.dumps(self.extractor.params())}
+        # ONE metadata entry: safetensors writes its metadata map in hash order, so two entries
+        # made the bytes (and the manifest's sha256) differ between runs with the same seed.
+        meta = {
+            "feature_space": json.dumps(
+                {"method": self.extractor.method, "params": self.extractor.params()}
+            )
+        }
         return save_safetensors(tensors, metadata=meta)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FeatureSpace:
         tensors = load_safetensors(data)
-        meta = _safetensors_metadata(data)
+        meta = json.loads(_safetensors_metadata(data).get("feature_space", "{}"))
         extractor_cls = get_extractor(meta.get("method", "?"))
         inner = {k.removeprefix("extractor."): v for k, v in tensors.items() if k != "centroids"}
-        extractor = extractor_cls.from_tensors(inner, json.loads(meta.get("params", "{}")))
+        extractor = extractor_cls.from_tensors(inner, meta.get("params", {}))
         return cls(extractor, tensors["centroids"])
 
     def save(self, store: Store) -> str:
