@@ -92,6 +92,135 @@ for _name, _command in COMMANDS.items():
     train_app.command(_name)(_command)
 
 
+cluster_app = typer.Typer(no_args_is_help=True, help="A local Ray head on loopback.")
+app.add_typer(cluster_app, name="cluster")
+Address = Annotated[
+    str | None,
+    typer.Option(help="Ray job API (dashboard) URL [from `ddm cluster up`, else :8265]"),
+]
+
+
+def _address(address: str | None) -> str:
+    from cluster_jobs.local_cluster import use_local_cluster_auth
+
+    info = use_local_cluster_auth()
+    return address or (info.dashboard_url if info else "http://127.0.0.1:8265")
+
+
+@cluster_app.command("up")
+@user_errors
+def cluster_up(
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs Ray may schedule [all]")] = None,
+    port: Annotated[int, typer.Option(help="GCS port")] = 6379,
+    dashboard_port: Annotated[int, typer.Option(help="dashboard / job API port")] = 8265,
+    metrics_export_port: Annotated[int, typer.Option(help="Prometheus export port")] = 8080,
+) -> None:
+    """Start a local Ray head (127.0.0.1, token auth); prints its addresses as JSON."""
+    from cluster_jobs.local_cluster import up
+
+    info = up(num_cpus, port, dashboard_port, metrics_export_port)
+    print(info.model_dump_json())
+
+
+@cluster_app.command("down")
+@user_errors
+def cluster_down() -> None:
+    """Stop the local Ray head that `ddm cluster up` started."""
+    from cluster_jobs.local_cluster import down
+
+    print("stopped" if down() else "no local cluster was running")
+
+
+@cluster_app.command("env")
+@user_errors
+def cluster_env() -> None:
+    """Print the exports raw `ray` commands need (eval "$(ddm cluster env)")."""
+    from cluster_jobs.local_cluster import env_lines
+
+    print("\n".join(env_lines()))
+
+
+@cluster_app.command("status")
+@user_errors
+def cluster_status() -> None:
+    """Whether the local head answers, and its addresses, as JSON."""
+    from cluster_jobs.local_cluster import status
+
+    print(json.dumps(status()))
+
+
+@app.command()
+@user_errors
+def submit(
+    store: Annotated[str, typer.Option(help="store URI holding the prepared dataset")],
+    address: Address = None,
+    clusters: Annotated[str, typer.Option(help="all | none | ids like 0,2,5")] = "all",
+    router: Annotated[bool, typer.Option(help="also train the router")] = False,
+    monolith: Annotated[bool, typer.Option(help="also train the monolith")] = False,
+    preset: Annotated[str | None, typer.Option(help="expert preset")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps per job")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="batch size per worker")] = None,
+    workers: Annotated[int | None, typer.Option(help="data-parallel workers per job")] = None,
+    cpus_per_worker: Annotated[float | None, typer.Option(help="CPUs per worker")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda")] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="no | fp16 | bf16")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="steps per checkpoint")] = None,
+    seed: Annotated[int | None, typer.Option(help="training seed")] = None,
+    force: Annotated[bool, typer.Option(help="retrain finished jobs from scratch")] = False,
+    wait: Annotated[bool, typer.Option(help="wait until every job has finished")] = False,
+) -> None:
+    """Submit one Ray job per expert (and the router / monolith)."""
+    from cluster_jobs import submit as jobs
+
+    url = _address(address)
+    options = {
+        k: v
+        for k, v in dict(
+            preset=preset,
+            steps=steps,
+            batch_size=batch_size,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            device=device,
+            mixed_precision=mixed_precision,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+        ).items()
+        if v is not None
+    }
+    done = jobs.submit(url, jobs.plan(store, clusters, router, monolith, options), force)
+    for s in done:
+        print(f"{s.action:17s} {s.submission_id}")
+    if wait:
+        ids = [s.submission_id for s in done]
+        states = jobs.wait(url, ids, on_change=lambda sid, st: print(f"{st:9s} {sid}", flush=True))
+        failed = [sid for sid, st in states.items() if st != "SUCCEEDED"]
+        if failed:
+            print(
+                f"error: {len(failed)} job(s) did not succeed: {', '.join(failed)}; "
+                f"see `ray job logs <id>`",
+                file=sys.stderr,
+            )
+            raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def jobs(
+    address: Address = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """List ddm's Ray jobs and their states."""
+    from cluster_jobs.submit import list_jobs
+
+    rows = list_jobs(_address(address))
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        print(f"{r['status']:10s} {r['submission_id']}")
+
+
 def _print_cluster_table(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table

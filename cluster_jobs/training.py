@@ -446,7 +446,7 @@ def train_loop(config: dict[str, Any]) -> None:
             )
             metrics.update(sum(window) / len(window), rate, state)
             tick, tick_images = now, 0
-        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+        if state.step % cfg.checkpoint_every == 0:
             _report(
                 cfg,
                 task,
@@ -460,6 +460,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 rank,
                 final=False,
             )
+    if state.step % cfg.checkpoint_every:  # so that training can later be continued from here
+        _report(
+            cfg, task, store, accelerator, model, ema, optimizer, state, window, rank, final=False
+        )
     _report(cfg, task, store, accelerator, model, ema, optimizer, state, window, rank, final=True)
 
 

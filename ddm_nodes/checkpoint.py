@@ -85,6 +85,7 @@ def save_checkpoint(
     state_meta: dict[str, Any] | None = None,
 ) -> CheckpointManifest:
     """Write a checkpoint folder under `prefix`; the manifest goes last."""
+    store.delete([f"{prefix}/{MANIFEST_FILE}"])  # the folder is incomplete until it returns
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         Path(tmp, TRAINING_FILE).write_text(json.dumps(training, indent=2, default=str))

@@ -1,0 +1,149 @@
+"""`ddm cluster up|down`: a local Ray head on loopback for the embedded default.
+
+The head binds its node address and dashboard to 127.0.0.1 and runs with token auth:
+the token lives in the cluster's state folder (`~/.ddm/cluster/auth_token`, or
+`$DDM_CLUSTER_DIR`), and `cluster.json` beside it tells every ddm client the address and
+the token path, so head and clients always agree on `RAY_AUTH_MODE`. Raw `ray` commands
+need the same two variables; `ddm cluster env` prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from ddm_nodes.errors import DDMError
+
+DEFAULT_DIR = Path("~/.ddm/cluster")
+
+
+class ClusterInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gcs_address: str
+    dashboard_url: str
+    metrics_export_port: int
+    token_path: str
+    num_cpus: int
+
+    def env(self) -> dict[str, str]:
+        """What a Ray client needs to talk to this head."""
+        return {
+            "RAY_ADDRESS": self.dashboard_url,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.token_path,
+        }
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("DDM_CLUSTER_DIR", DEFAULT_DIR)).expanduser()
+
+
+def load_info() -> ClusterInfo | None:
+    path = state_dir() / "cluster.json"
+    return ClusterInfo.model_validate_json(path.read_text()) if path.exists() else None
+
+
+def use_local_cluster_auth() -> ClusterInfo | None:
+    """Make this process a client of the cluster `ddm cluster up` started, if there is one."""
+    info = load_info()
+    if info is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN_PATH"] = info.token_path
+    return info
+
+
+def _ray_cli() -> str:
+    exe = Path(sys.executable).with_name("ray")
+    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+
+def _dashboard_up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+            return True
+    except OSError as e:  # an HTTP 401 still means the dashboard answers
+        return getattr(e, "code", None) is not None
+
+
+def up(
+    num_cpus: float | None = None,
+    port: int = 6379,
+    dashboard_port: int = 8265,
+    metrics_export_port: int = 8080,
+    timeout_s: float = 60,
+) -> ClusterInfo:
+    info = load_info()
+    if info is not None and _dashboard_up(info.dashboard_url):
+        return info
+    folder = state_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    token = folder / "auth_token"
+    if not token.exists():
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+    info = ClusterInfo(
+        gcs_address=f"127.0.0.1:{port}",
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        metrics_export_port=metrics_export_port,
+        token_path=str(token),
+        num_cpus=num_cpus if num_cpus is not None else (os.cpu_count() or 1),
+    )
+    cmd = [
+        _ray_cli(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+        "--metrics-export-port", str(metrics_export_port), "--num-cpus", str(info.num_cpus),
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    env = {**os.environ, **info.env()}
+    env.pop("RAY_ADDRESS")  # `ray start --head` must not try to join another cluster
+    # Job entrypoints say `python`: make it this environment's interpreter, with ddm in it.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:]
+        raise DDMError(
+            f"ray start failed: {' '.join(last)}; is port {port} in use? "
+            "(`ddm cluster down` stops a head ddm started)"
+        )
+    deadline = time.monotonic() + timeout_s
+    while not _dashboard_up(info.dashboard_url):
+        if time.monotonic() > deadline:
+            raise DDMError(f"the Ray dashboard did not answer at {info.dashboard_url}")
+        time.sleep(0.5)
+    (folder / "cluster.json").write_text(info.model_dump_json(indent=2))
+    return info
+
+
+def down() -> bool:
+    """Stop the local head (`ray stop`, never a kill by process name). False if none."""
+    info = load_info()
+    if info is None:
+        return False
+    env = {**os.environ, **info.env()}
+    subprocess.run([_ray_cli(), "stop", "--force"], env=env, capture_output=True, text=True)
+    (state_dir() / "cluster.json").unlink(missing_ok=True)
+    return True
+
+
+def env_lines() -> list[str]:
+    info = load_info()
+    if info is None:
+        raise DDMError("no local cluster: run `ddm cluster up` first")
+    return [f"export {k}={v}" for k, v in info.env().items()]
+
+
+def status() -> dict:
+    info = load_info()
+    if info is None:
+        return {"running": False}
+    return {"running": _dashboard_up(info.dashboard_url), **json.loads(info.model_dump_json())}

@@ -1,0 +1,216 @@
+"""`ddm submit`: one Ray job per expert (plus the router and the monolith), and `ddm jobs`.
+
+Each job is the same command a user could `ray job submit` by hand:
+`python -m cluster_jobs.train_expert --store URI --cluster K ...`. Submission ids are
+readable and tied to the config (`ddm-expert-003-<config hash>`), so submitting a finished
+expert again with the same config is a no-op; a failed or stopped one is submitted again
+under `<id>-r<N>` and resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster_jobs.training import TrainConfig, validate
+from ddm_nodes.dataset_manifest import DatasetManifest
+from ddm_nodes.errors import DDMError
+from ddm_nodes.store import open_store
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WORKING_DIR_EXCLUDES = [
+    ".venv",
+    ".git",
+    "demo-out",
+    "bench-out",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".gl",
+]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Options of TrainConfig that travel on the job's command line (others keep defaults).
+CLI_FIELDS = [
+    "store",
+    "cluster",
+    "preset",
+    "steps",
+    "batch_size",
+    "lr",
+    "workers",
+    "cpus_per_worker",
+    "device",
+    "mixed_precision",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "seed",
+    "max_failures",
+]
+
+
+def entrypoint(cfg: TrainConfig) -> str:
+    """The exact shell command the Ray job runs for `cfg`."""
+    args = []
+    for name in CLI_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    if cfg.kind != "router" and cfg.unconditional:
+        args.append("--unconditional")
+    if cfg.restart:
+        args.append("--restart")
+    return f"python -m cluster_jobs.train_{cfg.kind} {shlex.join(args)}"
+
+
+def submission_id(cfg: TrainConfig) -> str:
+    return f"ddm-{cfg.name}-{cfg.config_hash()}"
+
+
+@dataclass
+class Submitted:
+    name: str
+    submission_id: str
+    action: str  # submitted | resubmitted | skipped-finished | skipped-running
+    entrypoint: str
+
+
+def plan(
+    store: str, clusters: str, router: bool, monolith: bool, options: dict[str, Any]
+) -> list[TrainConfig]:
+    """The configs to submit; validated against the store before anything is submitted."""
+    manifest = DatasetManifest.load(open_store(store))
+    if clusters == "all":
+        ids = list(range(manifest.num_clusters))
+    elif clusters in ("", "none"):
+        ids = []
+    else:
+        try:
+            ids = sorted({int(c) for c in clusters.split(",")})
+        except ValueError:
+            raise DDMError(f"--clusters {clusters!r}: expected 'all' or ids like 0,2,5") from None
+    configs = [TrainConfig(kind="expert", store=store, cluster=k, **options) for k in ids]
+    if monolith:
+        configs.append(TrainConfig(kind="monolith", store=store, **options))
+    if router:
+        router_opts = {k: v for k, v in options.items() if k not in ("preset", "lr")}
+        configs.append(
+            TrainConfig(kind="router", store=store, preset="router-tiny", lr=1e-3, **router_opts)
+        )
+    if not configs:
+        raise DDMError("nothing to submit: give --clusters, --router or --monolith")
+    for cfg in configs:
+        validate(cfg)
+    return configs
+
+
+def submit(
+    address: str, configs: list[TrainConfig], force: bool = False, entrypoint_num_cpus: float = 0.0
+) -> list[Submitted]:
+    from ray.job_submission import JobSubmissionClient
+
+    client = _client(address, JobSubmissionClient)
+    existing = {j.submission_id: j for j in client.list_jobs() if j.submission_id}
+    out = []
+    for cfg in configs:
+        base = submission_id(cfg)
+        tries = sorted(
+            (sid for sid in existing if sid == base or sid.startswith(base + "-r")),
+            key=lambda s: existing[s].start_time or 0,
+        )
+        latest = existing[tries[-1]] if tries else None
+        status = str(latest.status.value if latest else "")
+        if latest and status in ("PENDING", "RUNNING"):
+            out.append(
+                Submitted(cfg.name, latest.submission_id, "skipped-running", latest.entrypoint)
+            )
+            continue
+        if latest and status == "SUCCEEDED" and not force:
+            out.append(
+                Submitted(cfg.name, latest.submission_id, "skipped-finished", latest.entrypoint)
+            )
+            continue
+        if force:
+            cfg = cfg.model_copy(update={"restart": True})
+        sid = base if not tries else f"{base}-r{len(tries)}"
+        cmd = entrypoint(cfg)
+        client.submit_job(
+            entrypoint=cmd,
+            submission_id=sid,
+            runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES},
+            entrypoint_num_cpus=entrypoint_num_cpus,
+            entrypoint_num_gpus=0,
+            metadata={
+                "ddm_kind": cfg.kind,
+                "ddm_name": cfg.name,
+                "ddm_config_hash": cfg.config_hash(),
+            },
+        )
+        out.append(Submitted(cfg.name, sid, "resubmitted" if tries else "submitted", cmd))
+    return out
+
+
+def wait(
+    address: str,
+    ids: list[str],
+    poll_s: float = 2.0,
+    timeout_s: float | None = None,
+    on_change=None,
+) -> dict[str, str]:
+    """Poll until every job is terminal; returns {submission id: status}."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = _client(address, JobSubmissionClient)
+    states: dict[str, str] = {}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        for sid in ids:
+            status = str(client.get_job_status(sid).value)
+            if states.get(sid) != status and on_change:
+                on_change(sid, status)
+            states[sid] = status
+        if all(s in TERMINAL for s in states.values()):
+            return states
+        if deadline is not None and time.monotonic() > deadline:
+            raise DDMError(f"jobs still running after {timeout_s:.0f} s: {states}")
+        time.sleep(poll_s)
+
+
+def list_jobs(address: str) -> list[dict[str, Any]]:
+    from ray.job_submission import JobSubmissionClient
+
+    client = _client(address, JobSubmissionClient)
+    rows = []
+    for j in client.list_jobs():
+        if not (j.submission_id or "").startswith("ddm-"):
+            continue
+        rows.append(
+            {
+                "submission_id": j.submission_id,
+                "status": str(j.status.value),
+                "start_time": j.start_time,
+                "end_time": j.end_time,
+                "entrypoint": j.entrypoint,
+            }
+        )
+    return sorted(rows, key=lambda r: r["start_time"] or 0)
+
+
+def logs(address: str, sid: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return _client(address, JobSubmissionClient).get_job_logs(sid)
+
+
+def _client(address: str, cls):
+    try:
+        return cls(address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise DDMError(
+            f"cannot reach the Ray job API at {address}: start one with `ddm cluster up` or "
+            f"pass --address ({e.__class__.__name__})"
+        ) from e
