@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/prepare.py
+	$(PY) bench/train.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -80,7 +80,7 @@ def up(
     port: int = 6379,
     dashboard_port: int = 8265,
     metrics_export_port: int = 8080,
-    timeout_s: float = 60,
+    timeout_s: float = 180,
 ) -> ClusterInfo:
     info = load_info()
     if info is not None and _dashboard_up(info.dashboard_url):
@@ -118,7 +118,12 @@ def up(
     deadline = time.monotonic() + timeout_s
     while not _dashboard_up(info.dashboard_url):
         if time.monotonic() > deadline:
-            raise DDMError(f"the Ray dashboard did not answer at {info.dashboard_url}")
+            subprocess.run([_ray_cli(), "stop", "--force"], env=env, capture_output=True)
+            raise DDMError(
+                f"the Ray dashboard did not answer at {info.dashboard_url} within "
+                f"{timeout_s:.0f} s; the head was stopped (see /tmp/ray/session_latest"
+                "/logs/dashboard.log)"
+            )
         time.sleep(0.5)
     (folder / "cluster.json").write_text(info.model_dump_json(indent=2))
     return info

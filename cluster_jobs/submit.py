@@ -138,7 +138,8 @@ def submit(
             cfg = cfg.model_copy(update={"restart": True})
         sid = base if not tries else f"{base}-r{len(tries)}"
         cmd = entrypoint(cfg)
-        client.submit_job(
+        _submit_with_retry(
+            client,
             entrypoint=cmd,
             submission_id=sid,
             runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES},
@@ -152,6 +153,22 @@ def submit(
         )
         out.append(Submitted(cfg.name, sid, "resubmitted" if tries else "submitted", cmd))
     return out
+
+
+def _submit_with_retry(client, attempts: int = 30, **kwargs: Any) -> None:
+    """A head that just started may answer before its job agent is up ("No available
+    agent"): retry that for up to `attempts` seconds, nothing else."""
+    quiet = ["ray", *[n for n in logging.root.manager.loggerDict if n.startswith("ray.")]]
+    for name in quiet:  # packaging the working dir logs a line per ignored file
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for attempt in range(attempts):
+        try:
+            client.submit_job(**kwargs)
+            return
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or attempt == attempts - 1:
+                raise DDMError(f"the Ray job API refused {kwargs['submission_id']}: {e}") from e
+            time.sleep(1)
 
 
 def wait(

@@ -371,6 +371,48 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
 
+def ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    """EMA warm-up (as diffusers' EMAModel): short runs are not dominated by the init."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    store: Store,
+    manifest: DatasetManifest,
+    max_images: int = 512,
+    seed: int = 0,
+) -> float:
+    """Mean flow-matching loss on the held-out split of the model's clusters, with noise, t
+    and (null) labels drawn from `seed`, so two models are compared on identical draws."""
+    eval_cfg = cfg.model_copy(update={"shuffle_buffer": 0, "label_dropout": 0.0})
+    task = make_task(eval_cfg, manifest)
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for k in training_clusters(cfg, manifest):
+        for sample_batch in _finite_batches(eval_cfg, store, manifest, k):
+            total += task.loss(model, sample_batch, gen).item() * len(sample_batch["image"])
+            count += len(sample_batch["image"])
+            if count >= max_images:
+                return total / count
+    if count == 0:
+        raise DDMError(f"{cfg.name}: the held-out split is empty; prepare with --heldout > 0")
+    return total / count
+
+
+def _finite_batches(cfg: TrainConfig, store: Store, manifest: DatasetManifest, cluster: int):
+    buf = []
+    for sample in clusters_dataset(store, [cluster], "heldout", manifest=manifest):
+        buf.append(sample)
+        if len(buf) == cfg.batch_size:
+            yield _collate(buf)
+            buf = []
+    if buf:
+        yield _collate(buf)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker of ONE job."""
     import ray.train
@@ -413,6 +455,8 @@ def train_loop(config: dict[str, Any]) -> None:
     metrics = _TrainMetrics(cfg)
     window: list[float] = []
     tick, tick_images = time.perf_counter(), 0
+    first_step_done: float | None = None
+    first_images = 0
 
     while state.step < cfg.steps:
         batch = next(batches)
@@ -424,11 +468,14 @@ def train_loop(config: dict[str, Any]) -> None:
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        flow.ema_update(ema, accelerator.unwrap_model(model), cfg.ema_decay)
+        flow.ema_update(ema, accelerator.unwrap_model(model), ema_decay_at(cfg, state.step))
         state.step += 1
-        n = batch["image"].shape[0] * world
+        n_rank = batch["image"].shape[0]
+        n = n_rank * world
         state.images_seen += n
         tick_images += n
+        if first_step_done is None:  # throughput excludes start-up and the first step
+            first_step_done, first_images = time.perf_counter(), state.images_seen
         window = (window + [loss.item()])[-cfg.log_every :]
 
         if state.step % cfg.log_every == 0 and rank == 0:
@@ -460,19 +507,54 @@ def train_loop(config: dict[str, Any]) -> None:
                 rank,
                 final=False,
             )
+    throughput = None
+    if first_step_done is not None and state.images_seen > first_images:
+        throughput = (state.images_seen - first_images) / (time.perf_counter() - first_step_done)
     if state.step % cfg.checkpoint_every:  # so that training can later be continued from here
         _report(
             cfg, task, store, accelerator, model, ema, optimizer, state, window, rank, final=False
         )
-    _report(cfg, task, store, accelerator, model, ema, optimizer, state, window, rank, final=True)
+    _report(
+        cfg,
+        task,
+        store,
+        accelerator,
+        model,
+        ema,
+        optimizer,
+        state,
+        window,
+        rank,
+        final=True,
+        throughput=throughput,
+    )
 
 
-def _report(cfg, task, store, accelerator, model, ema, optimizer, state, window, rank, final):
+def _report(
+    cfg,
+    task,
+    store,
+    accelerator,
+    model,
+    ema,
+    optimizer,
+    state,
+    window,
+    rank,
+    final,
+    throughput=None,
+):
     """Rank 0 writes the checkpoint; every rank reports (Ray Train expects all to)."""
     import ray.train
 
     loss = sum(window) / len(window) if window else None
-    metrics = {"step": state.step, "images_seen": state.images_seen, "loss": loss, "final": final}
+    metrics = {
+        "step": state.step,
+        "images_seen": state.images_seen,
+        "loss": loss,
+        "final": final,
+        "images_per_s": throughput,
+    }
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -525,6 +607,7 @@ class TrainOutcome:
     images_seen: int
     loss: float | None
     skipped: bool = False
+    images_per_s: float | None = None
 
 
 def validate(cfg: TrainConfig) -> tuple[Store, DatasetManifest]:

@@ -53,13 +53,72 @@ def s3_endpoint(tmp_path_factory) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+AWS_CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+)
+
+
+@pytest.fixture(scope="session")
+def aws_envs(s3_endpoint, tmp_path_factory) -> dict[str, dict[str, str]]:
+    """Whole environments for subprocesses. "s3": the moto server with test keys.
+    "no_credentials": the same server, with no AWS credentials anywhere (no key variables,
+    no profile, credential and config files that do not exist, no instance metadata)."""
+    nowhere = tmp_path_factory.mktemp("no-aws")
+    common = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    base = {k: v for k, v in os.environ.items() if k not in AWS_CREDENTIAL_VARS}
+    return {
+        "s3": {**base, **S3_ENV, **common},
+        "no_credentials": {
+            **base,
+            **common,
+            "AWS_SHARED_CREDENTIALS_FILE": str(nowhere / "credentials"),
+            "AWS_CONFIG_FILE": str(nowhere / "config"),
+        },
+    }
+
+
+def _fresh_boto3_session(monkeypatch) -> None:
+    """boto3's default session caches the credentials it resolved first; start a fresh one so
+    each test sees exactly the environment it set up."""
+    import boto3
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+
+
 @pytest.fixture
-def s3_env(s3_endpoint, monkeypatch) -> dict[str, str]:
+def s3_env(aws_envs, monkeypatch) -> dict[str, str]:
     """Point this process (and, through the returned env, subprocesses) at the moto server."""
-    env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    return {**os.environ, **env}
+    wanted = aws_envs["s3"]
+    for k in (*S3_ENV, "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED"):
+        monkeypatch.setenv(k, wanted[k])
+    _fresh_boto3_session(monkeypatch)
+    return dict(os.environ)
+
+
+@pytest.fixture
+def no_aws_credentials(aws_envs, monkeypatch) -> dict[str, str]:
+    """This process (and, through the returned env, subprocesses) with no AWS credentials;
+    the endpoint still points at the moto server so nothing leaves loopback."""
+    wanted = aws_envs["no_credentials"]
+    for k in AWS_CREDENTIAL_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k in (
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_CONFIG_FILE",
+        "AWS_EC2_METADATA_DISABLED",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+    ):
+        monkeypatch.setenv(k, wanted[k])
+    _fresh_boto3_session(monkeypatch)
+    return dict(os.environ)
 
 
 @pytest.fixture
@@ -80,7 +139,35 @@ def run_ddm(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ddm():
     """The `ddm` CLI as a subprocess: `ddm("prepare", "--store", ..., env=...)`."""
     return run_ddm
+
+
+# --- data shared across modules (loaded once per session; tests must not modify them) ---
+
+
+@pytest.fixture(scope="session")
+def digits_set():
+    from cluster_jobs.sources import load_source
+
+    return load_source("digits")
+
+
+@pytest.fixture(scope="session")
+def mnist5k_set():
+    from cluster_jobs.sources import load_source
+
+    return load_source("mnist-5k")
+
+
+@pytest.fixture(scope="session")
+def prepared_digits(tmp_path_factory):
+    """`digits` prepared by the library into a local store, with small shards so every cluster
+    has several. Read-only: a test that changes a store copies this one first."""
+    from cluster_jobs.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("prepared-digits") / "store"
+    cfg = PrepareConfig(dataset="digits", clusters=4, store=str(root), shard_size=150, seed=0)
+    return cfg, prepare(cfg).manifest

@@ -1,0 +1,62 @@
+"""`ddm prepare` into S3 (moto on loopback) through the real CLI, read back per cluster."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from cluster_jobs.clustering import cluster_images
+from cluster_jobs.shards import cluster_dataset
+from ddm_nodes.dataset_manifest import DatasetManifest
+from ddm_nodes.store import open_store
+
+K = 4
+
+
+@pytest.mark.integration
+def test_prepare_into_s3_and_read_back_by_cluster(ddm, s3_env, bucket, mnist5k_set):
+    uri = f"s3://{bucket}/runs/mnist"
+    args = ["prepare", "--dataset", "mnist-5k", "--clusters", str(K), "--store", uri, "--json"]
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(ddm, *args, env=s3_env)
+        # meanwhile, the clustering the CLI runs, computed again here (deterministic for the
+        # default seed, 0)
+        assignments = cluster_images(mnist5k_set.images, K, seed=0).assignments
+        proc = run.result()
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["images"] == len(mnist5k_set)
+    assert summary["clusters"] == K
+
+    store = open_store(uri)
+    manifest = DatasetManifest.load(store)
+    assert manifest.count == len(mnist5k_set)
+    assert [c.count for c in manifest.train] == summary["train_counts"]
+    assert [c.count for c in manifest.heldout] == summary["heldout_counts"]
+    # everything landed under the prefix, nothing beside it
+    raw = store.client.list_objects_v2(Bucket=bucket)["Contents"]
+    assert all(o["Key"].startswith("runs/mnist/") for o in raw)
+
+    assert manifest.seed == 0
+
+    images = mnist5k_set.images.astype(np.float32) / 127.5 - 1.0  # (N, H, W, C) in [-1, 1]
+    owner: dict[int, int] = {}
+    for c in range(K):
+        keys = []
+        for split in ("train", "heldout"):
+            for s in cluster_dataset(uri, c, split, manifest=manifest):
+                i = int(s["key"])
+                assert s["cluster"] == c
+                assert s["label"] == mnist5k_set.labels[i]
+                np.testing.assert_array_equal(s["image"].numpy(), images[i].transpose(2, 0, 1))
+                keys.append(i)
+        assert len(keys) == manifest.train[c].count + manifest.heldout[c].count
+        assert sorted(keys) == np.flatnonzero(assignments == c).tolist()
+        for i in keys:
+            assert i not in owner, f"image {i} is in clusters {owner[i]} and {c}"
+            owner[i] = c
+    assert len(owner) == len(mnist5k_set)
+    assert sum(manifest.stats.counts) == len(mnist5k_set)

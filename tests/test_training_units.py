@@ -1,0 +1,580 @@
+"""cluster_jobs/training.py without Ray: config, tasks, data isolation, checkpoints, validate."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from cluster_jobs.prepare import PrepareConfig, prepare
+from cluster_jobs.training import (
+    LATEST,
+    FlowTask,
+    RouterTask,
+    TrainConfig,
+    TrainState,
+    batch_stream,
+    find_resume_point,
+    lr_at,
+    make_task,
+    restore,
+    save_training_checkpoint,
+    training_clusters,
+    validate,
+)
+from ddm_nodes import flow
+from ddm_nodes.checkpoint import MANIFEST_FILE, load_model, read_manifest
+from ddm_nodes.dataset_manifest import (
+    FEATURES_KEY,
+    MANIFEST_KEY,
+    NULL_LABEL,
+    DatasetManifest,
+)
+from ddm_nodes.errors import DDMError
+from ddm_nodes.experts import Expert
+from ddm_nodes.router_net import RouterNet
+from ddm_nodes.store import LocalStore
+
+K = 3
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[str, DatasetManifest]:
+    """digits, 16x16, K=3, in a local store. Read-only: tests that change it copy it."""
+    root = tmp_path_factory.mktemp("train-units") / "store"
+    cfg = PrepareConfig(dataset="digits", clusters=K, store=str(root), image_size=SIZE, workers=1)
+    return str(root), prepare(cfg).manifest
+
+
+@pytest.fixture
+def store_copy(prepared, tmp_path) -> str:
+    dest = tmp_path / "store"
+    shutil.copytree(prepared[0], dest)
+    return str(dest)
+
+
+def _cfg(store: str, kind: str = "expert", **kw) -> TrainConfig:
+    if kind == "expert":
+        kw.setdefault("cluster", 0)
+    if kind == "router":
+        kw.setdefault("preset", "router-tiny")
+    return TrainConfig(kind=kind, store=store, **kw)
+
+
+class RecordingStore(LocalStore):
+    """A LocalStore that remembers every key it was asked to read."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.reads: list[str] = []
+
+    def get_bytes(self, key: str) -> bytes:
+        self.reads.append(key)
+        return super().get_bytes(key)
+
+    def get_verified(self, key: str, sha256: str) -> bytes:
+        self.reads.append(key)
+        return super().get_verified(key, sha256)
+
+    def open(self, key: str):
+        self.reads.append(key)
+        return super().open(key)
+
+
+def _spy_labels(expert: Expert) -> list[torch.Tensor]:
+    """Class labels of every call into the expert's diffusers denoiser."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["class_labels"].clone())
+
+    expert.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def _batch(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.rand(n, 1, SIZE, SIZE, generator=g) * 2 - 1,
+        "label": torch.randint(0, 10, (n,), generator=g),
+        "cluster": torch.randint(0, K, (n,), generator=g),
+    }
+
+
+# --- TrainConfig ------------------------------------------------------------------------
+
+
+def test_an_expert_needs_a_cluster():
+    with pytest.raises(ValidationError, match="--cluster"):
+        TrainConfig(kind="expert", store="/s")
+
+
+@pytest.mark.parametrize("kind", ["router", "monolith"])
+def test_only_experts_take_a_cluster(kind):
+    with pytest.raises(ValidationError, match="--cluster"):
+        TrainConfig(kind=kind, store="/s", cluster=0)
+    assert TrainConfig(kind=kind, store="/s").cluster is None
+
+
+def test_fp16_needs_cuda():
+    with pytest.raises(ValidationError, match="fp16"):
+        _cfg("/s", mixed_precision="fp16")
+    assert _cfg("/s", mixed_precision="fp16", device="cuda").mixed_precision == "fp16"
+    assert _cfg("/s", mixed_precision="bf16").mixed_precision == "bf16"
+
+
+def test_unknown_fields_are_refused():
+    with pytest.raises(ValidationError, match="learning_rate"):
+        _cfg("/s", learning_rate=0.1)
+
+
+def test_negative_cluster_is_refused():
+    with pytest.raises(ValidationError):
+        _cfg("/s", cluster=-1)
+
+
+def test_prefix_and_name():
+    assert _cfg("/s", cluster=2).prefix == "experts/expert-002"
+    assert _cfg("/s", cluster=2).name == "expert-002"
+    assert _cfg("/s", "router").prefix == "router"
+    assert _cfg("/s", "monolith").name == "monolith"
+
+
+def test_config_hash_is_stable_for_equal_configs():
+    a, b = _cfg("/s", steps=10), _cfg("/s", steps=10)
+    assert a.config_hash() == b.config_hash()
+    assert len(a.config_hash()) == 8
+    int(a.config_hash(), 16)
+
+
+@pytest.mark.parametrize("field,value", [("restart", True), ("log_every", 7), ("max_failures", 0)])
+def test_config_hash_ignores_scheduling_fields(field, value):
+    base = _cfg("/s")
+    assert base.model_copy(update={field: value}).config_hash() == base.config_hash()
+    assert _cfg("/s", **{field: value}).config_hash() == base.config_hash()
+
+
+@pytest.mark.parametrize(
+    "field,value", [("steps", 999), ("preset", "dit-tiny"), ("lr", 1e-3), ("cluster", 1)]
+)
+def test_config_hash_changes_with_what_determines_the_model(field, value):
+    base = _cfg("/s")
+    assert _cfg("/s", **{field: value}).config_hash() != base.config_hash()
+
+
+# --- learning rate ----------------------------------------------------------------------
+
+
+def test_lr_warms_up_linearly_then_stays_constant():
+    cfg = _cfg("/s", lr=1e-3, warmup_steps=10)
+    lrs = [lr_at(cfg, s) for s in range(30)]
+    for s in range(10):
+        assert lrs[s] == pytest.approx(1e-3 * (s + 1) / 10)
+    steps = [b - a for a, b in itertools.pairwise(lrs[:10])]
+    assert all(d == pytest.approx(1e-4) for d in steps)
+    assert all(lr == pytest.approx(1e-3) for lr in lrs[9:])
+    assert max(lrs) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_no_warmup_means_full_lr_from_the_first_step(warmup):
+    cfg = _cfg("/s", lr=2e-4, warmup_steps=warmup)
+    assert lr_at(cfg, 0) == pytest.approx(2e-4)
+    assert lr_at(cfg, 500) == pytest.approx(2e-4)
+
+
+# --- tasks and data ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cluster", range(K))
+def test_an_expert_trains_on_its_own_cluster_only(prepared, cluster):
+    store, manifest = prepared
+    assert training_clusters(_cfg(store, cluster=cluster), manifest) == [cluster]
+
+
+@pytest.mark.parametrize("kind", ["router", "monolith"])
+def test_router_and_monolith_train_on_every_cluster(prepared, kind):
+    store, manifest = prepared
+    assert training_clusters(_cfg(store, kind), manifest) == list(range(K))
+
+
+def test_make_task_picks_the_task(prepared):
+    store, manifest = prepared
+    assert isinstance(make_task(_cfg(store), manifest), FlowTask)
+    assert isinstance(make_task(_cfg(store, "monolith"), manifest), FlowTask)
+    assert isinstance(make_task(_cfg(store, "router"), manifest), RouterTask)
+    with pytest.raises(DDMError, match="out of range"):
+        make_task(_cfg(store, cluster=K), manifest)
+
+
+def test_flow_task_spec_comes_from_the_data(prepared):
+    store, manifest = prepared
+    task = FlowTask(_cfg(store, preset="dit-tiny"), manifest)
+    assert task.spec.model_dump() == {
+        "preset": "dit-tiny",
+        "image_size": SIZE,
+        "channels": 1,
+        "num_classes": 10,
+    }
+    assert FlowTask(_cfg(store, unconditional=True), manifest).spec.num_classes == 0
+
+
+@pytest.mark.parametrize("cluster", range(K))
+def test_batch_stream_of_an_expert_reads_only_its_own_cluster(prepared, cluster):
+    root, manifest = prepared
+    store = RecordingStore(root)
+    cfg = _cfg(root, cluster=cluster, batch_size=8, shuffle_buffer=50)
+    stream = batch_stream(cfg, store, manifest)
+    for _ in range(3):
+        batch = next(stream)
+        assert set(batch) == {"image", "label", "cluster"}
+        assert batch["image"].shape == (8, 1, SIZE, SIZE)
+        assert batch["image"].dtype == torch.float32
+        assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+        assert batch["label"].shape == (8,) and batch["label"].dtype == torch.long
+        assert batch["label"].min() >= 0 and batch["label"].max() < 10
+        assert batch["cluster"].tolist() == [cluster] * 8
+    own = f"shards/cluster-{cluster:03d}/"
+    assert any(k.startswith(own) for k in store.reads)  # it did read data
+    outside = [k for k in store.reads if not k.startswith(own) and k not in (MANIFEST_KEY, FEATURES_KEY)]
+    assert outside == []
+
+
+def test_batch_stream_isolation_holds_when_the_stream_loads_the_manifest(prepared):
+    """The same check with the manifest read through the recording store too."""
+    root, _ = prepared
+    store = RecordingStore(root)
+    manifest = DatasetManifest.load(store)
+    next(batch_stream(_cfg(root, cluster=1, batch_size=4, shuffle_buffer=0), store, manifest))
+    assert MANIFEST_KEY in store.reads
+    assert all(k in (MANIFEST_KEY, FEATURES_KEY) or k.startswith("shards/cluster-001/") for k in store.reads)
+
+
+def test_a_cluster_smaller_than_a_batch_gives_whole_epoch_batches(prepared):
+    root, manifest = prepared
+    count = manifest.train[2].count
+    cfg = _cfg(root, cluster=2, batch_size=count + 100, shuffle_buffer=0)
+    stream = batch_stream(cfg, LocalStore(root), manifest)
+    first, second = next(stream), next(stream)  # the second is the next epoch
+    assert first["image"].shape[0] == second["image"].shape[0] == count
+    assert set(first["cluster"].tolist()) == {2}
+
+
+def test_router_batches_carry_their_clusters(prepared):
+    root, manifest = prepared
+    cfg = _cfg(root, "router", batch_size=64, shuffle_buffer=0)
+    batch = next(batch_stream(cfg, LocalStore(root), manifest))
+    assert batch["image"].shape == (64, 1, SIZE, SIZE)
+    assert set(batch["cluster"].tolist()) <= set(range(K))
+
+
+@pytest.mark.parametrize("preset", ["unet-tiny", "dit-tiny"])
+def test_flow_task_loss_is_a_finite_scalar_with_gradients(prepared, preset):
+    root, manifest = prepared
+    task = FlowTask(_cfg(root, preset=preset), manifest)
+    torch.manual_seed(0)
+    model = task.build()
+    loss = task.loss(model, _batch(), torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and math.isfinite(loss.item()) and loss.item() > 0
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum().item() for g in grads) > 0
+
+
+def test_flow_task_loss_is_the_velocity_mse_at_logit_normal_t(prepared):
+    root, manifest = prepared
+    task = FlowTask(_cfg(root, label_dropout=0.0), manifest)
+    torch.manual_seed(0)
+    model = task.build().eval()
+    batch = _batch(3)
+    with torch.no_grad():
+        got = task.loss(model, batch, torch.Generator().manual_seed(11))
+        # the same draws, in the same order: t = sigmoid(z), then the noise
+        g = torch.Generator().manual_seed(11)
+        t = torch.sigmoid(torch.randn(3, generator=g))
+        noise = torch.randn(batch["image"].shape, generator=g)
+        x0 = batch["image"]
+        x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        pred = model(x_t, t, batch["label"])
+        expected = ((pred - (noise - x0)) ** 2).mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["unet-tiny", "dit-tiny"])
+def test_full_label_dropout_sends_only_the_null_label(prepared, preset):
+    root, manifest = prepared
+    task = FlowTask(_cfg(root, preset=preset, label_dropout=1.0), manifest)
+    model = task.build()
+    seen = _spy_labels(model)
+    with torch.no_grad():
+        task.loss(model, _batch(6), torch.Generator().manual_seed(0))
+    assert len(seen) == 1
+    assert seen[0].tolist() == [model.null_index] * 6
+    assert model.null_index == 10
+
+
+def test_no_label_dropout_sends_the_real_labels(prepared):
+    root, manifest = prepared
+    task = FlowTask(_cfg(root, label_dropout=0.0), manifest)
+    model = task.build()
+    seen = _spy_labels(model)
+    batch = _batch(6)
+    with torch.no_grad():
+        task.loss(model, batch, torch.Generator().manual_seed(0))
+    assert seen[0].tolist() == batch["label"].tolist()
+
+
+def test_partial_label_dropout_drops_some_and_keeps_others(prepared):
+    root, manifest = prepared
+    task = FlowTask(_cfg(root, preset="dit-tiny", label_dropout=0.5), manifest)
+    model = task.build()
+    seen = _spy_labels(model)
+    batch = _batch(64)
+    with torch.no_grad():
+        task.loss(model, batch, torch.Generator().manual_seed(0))
+    got = seen[0]
+    dropped = got == 10
+    assert 0 < dropped.sum() < 64
+    assert torch.equal(got[~dropped], batch["label"][~dropped])
+
+
+def test_an_unconditional_dit_task_sends_only_the_null_label(prepared):
+    root, manifest = prepared
+    task = FlowTask(_cfg(root, preset="dit-tiny", unconditional=True, label_dropout=0.0), manifest)
+    model = task.build()
+    seen = _spy_labels(model)
+    with torch.no_grad():
+        task.loss(model, _batch(4), torch.Generator().manual_seed(0))
+    assert seen[0].tolist() == [model.null_index] * 4
+
+
+def test_router_task_loss_is_cross_entropy_on_the_cluster_ids(prepared):
+    root, manifest = prepared
+    task = RouterTask(_cfg(root, "router"), manifest)
+    torch.manual_seed(0)
+    model = task.build().eval()
+    assert isinstance(model, RouterNet)
+    assert model.config.num_clusters == K and model.config.in_channels == 1
+    batch = _batch(5)
+    with torch.no_grad():
+        got = task.loss(model, batch, torch.Generator().manual_seed(3))
+        g = torch.Generator().manual_seed(3)
+        t = torch.rand(5, generator=g)
+        noise = torch.randn(batch["image"].shape, generator=g)
+        tb = t[:, None, None, None]
+        logits = model((1 - tb) * batch["image"] + tb * noise, t)
+        log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        expected = -log_p[torch.arange(5), batch["cluster"]].mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    model.train()
+    loss = task.loss(model, batch, torch.Generator().manual_seed(3))
+    loss.backward()
+    assert model.out.weight.grad.abs().sum() > 0
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+
+def _trained(task, cfg: TrainConfig, steps: int = 2):
+    """A model, its EMA and an AdamW after a few real steps (so all three are non-trivial)."""
+    torch.manual_seed(cfg.seed)
+    model = task.build()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(steps):
+        loss = task.loss(model, _batch(2, seed=i), gen)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        flow.ema_update(ema, model, cfg.ema_decay)
+    return model, ema, opt
+
+
+def _fresh(task, seed: int = 123):
+    torch.manual_seed(seed)
+    model = task.build()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    return model, ema, torch.optim.AdamW(model.parameters(), lr=0.5)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("kind,preset", [("expert", "unet-tiny"), ("router", "router-tiny")])
+def test_save_then_restore_resumes_exactly(prepared, tmp_path, kind, preset):
+    root, manifest = prepared
+    store = LocalStore(tmp_path / "out")
+    cfg = _cfg(root, kind, preset=preset, lr=1e-3, ema_decay=0.5, weight_decay=0.01)
+    task = make_task(cfg, manifest)
+    model, ema, opt = _trained(task, cfg)
+    state = TrainState(step=2, images_seen=16)
+
+    prefix = save_training_checkpoint(cfg, task, store, model, ema, opt, state, 0.25, final=False)
+    assert prefix == f"{cfg.prefix}/checkpoints/step-000002"
+    assert json.loads(store.get_bytes(f"{cfg.prefix}/{LATEST}"))["prefix"] == prefix
+
+    model2, ema2, opt2 = _fresh(task)
+    assert not torch.equal(
+        next(iter(model2.state_dict().values())), next(iter(model.state_dict().values()))
+    )
+    got = restore(cfg, task, store, prefix, model2, ema2, opt2)
+
+    assert (got.step, got.images_seen) == (2, 16)
+    _assert_same_state(model2.state_dict(), model.state_dict())
+    _assert_same_state(ema2.state_dict(), ema.state_dict())
+    # EMA and model really are different weights, so both were restored separately
+    assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert set(s1["state"]) == set(s2["state"])
+    for idx in s1["state"]:
+        _assert_same_state(s1["state"][idx], s2["state"][idx])
+    assert json.loads(json.dumps(s1["param_groups"])) == json.loads(json.dumps(s2["param_groups"]))
+
+    # the next step from the restored state is the step the original would have taken
+    for m, o in ((model, opt), (model2, opt2)):
+        task.loss(m, _batch(2, seed=9), torch.Generator().manual_seed(9)).backward()
+        o.step()
+    _assert_same_state(model2.state_dict(), model.state_dict())
+
+
+def test_the_checkpoint_weights_are_the_ema_weights(prepared, tmp_path):
+    root, manifest = prepared
+    store = LocalStore(tmp_path / "out")
+    cfg = _cfg(root, "router", ema_decay=0.5)
+    task = make_task(cfg, manifest)
+    model, ema, opt = _trained(task, cfg)
+    prefix = save_training_checkpoint(
+        cfg, task, store, model, ema, opt, TrainState(2, 16), None, final=True
+    )
+    assert prefix == "router"
+    loaded = load_model(store, prefix, kind="router")
+    _assert_same_state(loaded.model.state_dict(), ema.state_dict())
+    assert loaded.training["config_hash"] == cfg.config_hash()
+    assert loaded.manifest.final and loaded.manifest.step == 2
+    assert not store.exists(f"router/{LATEST}")  # a final checkpoint moves no pointer
+
+
+@pytest.mark.parametrize(
+    "change", [{"preset": "dit-tiny"}, {"unconditional": True}], ids=["preset", "labels"]
+)
+def test_restore_with_another_model_spec_asks_for_restart(prepared, tmp_path, change):
+    root, manifest = prepared
+    store = LocalStore(tmp_path / "out")
+    cfg = _cfg(root)
+    task = make_task(cfg, manifest)
+    model, ema, opt = _trained(task, cfg, steps=1)
+    prefix = save_training_checkpoint(
+        cfg, task, store, model, ema, opt, TrainState(1, 2), None, final=False
+    )
+    other_cfg = _cfg(root, **change)
+    other = make_task(other_cfg, manifest)
+    m2, e2, o2 = _fresh(other)
+    with pytest.raises(DDMError, match="--restart"):
+        restore(other_cfg, other, store, prefix, m2, e2, o2)
+
+
+def _router_checkpoints(prepared, tmp_path, steps, keep):
+    root, manifest = prepared
+    store = LocalStore(tmp_path / "out")
+    cfg = _cfg(root, "router", keep_checkpoints=keep, steps=10_000_000)
+    task = make_task(cfg, manifest)
+    model, ema, opt = _trained(task, cfg, steps=1)
+    for s in steps:
+        save_training_checkpoint(
+            cfg, task, store, model, ema, opt, TrainState(s, s * 2), None, final=False
+        )
+    folders = sorted({Path(k).parent.name for k in store.list("router/checkpoints/step-")})
+    return cfg, store, folders
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_prune_keeps_only_the_newest_checkpoints(prepared, tmp_path, keep):
+    cfg, store, folders = _router_checkpoints(prepared, tmp_path, [10, 20, 30, 40], keep)
+    assert folders == [f"step-{s:06d}" for s in [10, 20, 30, 40][-keep:]]
+    latest = json.loads(store.get_bytes(f"router/{LATEST}"))
+    assert latest == {"prefix": "router/checkpoints/step-000040", "step": 40}
+    assert read_manifest(store, latest["prefix"]).step == 40
+
+
+def test_prune_keeps_the_newest_checkpoint_past_a_million_steps(prepared, tmp_path):
+    """steps may go up to 10M, but step folders are zero-padded to 6 digits only."""
+    cfg, store, folders = _router_checkpoints(prepared, tmp_path, [999_800, 1_000_000], keep=1)
+    latest = json.loads(store.get_bytes(f"router/{LATEST}"))["prefix"]
+    assert store.exists(f"{latest}/{MANIFEST_FILE}"), "latest.json points at a pruned checkpoint"
+    assert folders == [Path(latest).name]
+
+
+def test_find_resume_point_outside_ray(prepared, tmp_path):
+    root, manifest = prepared
+    store = LocalStore(tmp_path / "out")
+    cfg = _cfg(root, cluster=1)
+    assert find_resume_point(cfg, store) is None
+    store.put_bytes(f"{cfg.prefix}/{LATEST}", json.dumps({"prefix": "p/q", "step": 7}).encode())
+    assert find_resume_point(cfg, store) == "p/q"
+    # and after a real save it is that checkpoint
+    task = make_task(cfg, manifest)
+    model, ema, opt = _trained(task, cfg, steps=1)
+    prefix = save_training_checkpoint(
+        cfg, task, store, model, ema, opt, TrainState(5, 10), None, final=False
+    )
+    assert find_resume_point(cfg, store) == prefix == "experts/expert-001/checkpoints/step-000005"
+    assert find_resume_point(_cfg(root, cluster=2), store) is None  # another expert's is not ours
+
+
+# --- validate ---------------------------------------------------------------------------
+
+
+def test_validate_accepts_a_good_config(prepared):
+    root, manifest = prepared
+    store, got = validate(_cfg(root, cluster=2))
+    assert got == manifest
+    assert store.uri == LocalStore(root).uri
+    validate(_cfg(root, "router"))
+    validate(_cfg(root, "monolith", preset="dit-tiny"))
+
+
+def test_validate_refuses_a_cluster_out_of_range(prepared):
+    with pytest.raises(DDMError, match="out of range"):
+        validate(_cfg(prepared[0], cluster=K))
+
+
+@pytest.mark.parametrize("kind,preset", [("expert", "dit-huge"), ("router", "unet-tiny")])
+def test_validate_refuses_an_unknown_preset(prepared, kind, preset):
+    with pytest.raises(DDMError, match="unknown"):
+        validate(_cfg(prepared[0], kind, preset=preset))
+
+
+@pytest.fixture(scope="module")
+def prepared18(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("train-units-18") / "store"
+    prepare(PrepareConfig(dataset="digits", clusters=K, store=str(root), image_size=18, workers=1))
+    return str(root)
+
+
+@pytest.mark.parametrize("preset", ["dit-tiny", "unet-tiny"])
+def test_validate_refuses_an_image_size_the_preset_cannot_take(prepared18, preset):
+    with pytest.raises(DDMError, match="not divisible"):
+        validate(_cfg(prepared18, preset=preset))
+
+
+def test_validate_refuses_a_missing_shard_of_its_clusters(store_copy, prepared):
+    _, manifest = prepared
+    victim = manifest.shards("train", 1)[0].key
+    (Path(store_copy) / victim).unlink()
+    with pytest.raises(DDMError, match="missing"):
+        validate(_cfg(store_copy, cluster=1))
+    with pytest.raises(DDMError, match="missing"):
+        validate(_cfg(store_copy, "router"))
+    validate(_cfg(store_copy, cluster=0))  # isolation: another cluster's shard is not checked
