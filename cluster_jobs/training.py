@@ -61,6 +61,15 @@ Kind = Literal["expert", "router", "monolith"]
 DEFAULT_EXPERT_PRESET = "unet-tiny"
 DEFAULT_ROUTER_PRESET = "router-tiny"
 LATEST = "checkpoints/latest.json"
+# How a run is carried out, not what it trains: left out of the config hash.
+SCHEDULING_FIELDS = {
+    "restart",
+    "max_failures",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "cpus_per_worker",
+}
 
 
 class TrainConfig(BaseModel):
@@ -113,7 +122,7 @@ class TrainConfig(BaseModel):
 
     def config_hash(self) -> str:
         """Short hash of what determines the trained model (not how it is scheduled)."""
-        fields = self.model_dump(exclude={"restart", "max_failures", "log_every"})
+        fields = self.model_dump(exclude=SCHEDULING_FIELDS)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -271,18 +280,21 @@ def _step_prefix(cfg: TrainConfig, step: int) -> str:
 
 
 def find_resume_point(cfg: TrainConfig, store: Store) -> str | None:
-    """The checkpoint prefix to resume from: Ray Train's (worker-group restart), else the
-    store's latest.json (re-submitted job), else None."""
+    """The newest checkpoint to resume from: Ray Train's (a restarted worker group, or a
+    run restored under the same name) or the store's latest.json (a re-submitted job).
+    Both can exist and disagree (Ray only knows the checkpoints it was told of), so the
+    higher step wins."""
     import ray.train
 
+    candidates = []
     ckpt = ray.train.get_checkpoint() if _in_ray_train() else None
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            return json.loads(Path(d, "pointer.json").read_text())["prefix"]
+            candidates.append(json.loads(Path(d, "pointer.json").read_text()))
     key = f"{cfg.prefix}/{LATEST}"
     if store.exists(key):
-        return json.loads(store.get_bytes(key))["prefix"]
-    return None
+        candidates.append(json.loads(store.get_bytes(key)))
+    return max(candidates, key=lambda c: c["step"])["prefix"] if candidates else None
 
 
 def _in_ray_train() -> bool:
@@ -342,8 +354,8 @@ def save_training_checkpoint(
 
 def _prune(cfg: TrainConfig, store: Store) -> None:
     keys = store.list(f"{cfg.prefix}/checkpoints/step-")
-    steps = sorted({k.split("/")[-2] for k in keys})
-    for old in steps[: -cfg.keep_checkpoints]:
+    folders = sorted({k.split("/")[-2] for k in keys}, key=lambda f: int(f.split("-")[1]))
+    for old in folders[: -cfg.keep_checkpoints]:
         store.delete([k for k in keys if k.split("/")[-2] == old])
 
 

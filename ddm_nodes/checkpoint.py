@@ -54,7 +54,7 @@ MONOLITH_PREFIX = "monolith"
 class CheckpointManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: int = CHECKPOINT_FORMAT
+    format_version: int = Field(CHECKPOINT_FORMAT, strict=True, ge=1, le=CHECKPOINT_FORMAT)
     kind: Kind
     cluster: int | None = Field(None, description="the data cluster an expert saw")
     step: int = Field(ge=0)
@@ -110,9 +110,10 @@ def read_manifest(store: Store, prefix: str) -> CheckpointManifest:
         raw = json.loads(store.get_bytes(key))
     except json.JSONDecodeError as e:
         raise ManifestError(f"{store.url(key)} is not valid JSON: {e}") from e
-    if isinstance(raw, dict) and raw.get("format_version", 0) > CHECKPOINT_FORMAT:
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if isinstance(version, int) and version > CHECKPOINT_FORMAT:
         raise ManifestError(
-            f"{store.url(key)} has checkpoint format {raw['format_version']}, newer than this "
+            f"{store.url(key)} has checkpoint format {version}, newer than this "
             f"ddm {__version__} reads ({CHECKPOINT_FORMAT}): upgrade ddm"
         )
     try:

@@ -50,7 +50,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)
     args = (t.float() * TIME_SCALE)[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return nn.functional.pad(emb, (0, dim % 2))  # odd dim: one zero column
 
 
 class _Block(nn.Module):

@@ -37,6 +37,16 @@ PREFIX = "experts/expert-001"
 TRAINING = {"config": {"preset": "x", "steps": 3}, "model": {"channels": 1}}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These tensors are tiny: intra-op threads only add overhead (and thrash on 2 busy
+    cores), so run this module's forward/backward passes on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _manifest(kind: str = "expert", cluster: int | None = 1) -> CheckpointManifest:
     return CheckpointManifest(
         kind=kind,
@@ -197,6 +207,19 @@ def test_a_missing_manifest_is_refused(store, router):
         load_model(store, "never-written")
 
 
+@pytest.mark.parametrize("version", ["2", None, [1]])
+def test_a_malformed_format_version_is_a_manifest_error(store, router, version):
+    """A manifest is user-fixable input: a format_version of the wrong type must give a
+    ManifestError (as dataset.json's reader does), not a TypeError from comparing it."""
+    _saved_router(store, router)
+    path = _file(store, "router", MANIFEST_FILE)
+    raw = json.loads(path.read_text())
+    raw["format_version"] = version
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError):
+        read_manifest(store, "router")
+
+
 def test_a_manifest_that_is_not_json_is_refused(store, router):
     _saved_router(store, router)
     _file(store, "router", MANIFEST_FILE).write_text("{not json")
@@ -312,7 +335,10 @@ def test_a_fresh_optimizer_would_have_taken_different_steps():
     fresh_opt = torch.optim.AdamW(fresh_model.parameters(), lr=1e-2)
     _step(model, opt, 3)
     _step(fresh_model, fresh_opt, 3)
-    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True)
+    )
 
 
 def test_optimizer_from_tensors_ignores_the_model_weights():

@@ -22,6 +22,16 @@ FAST = ["unet-tiny", "dit-tiny"]
 SIZE = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These tensors are tiny: intra-op threads only add overhead (and thrash on 2 busy
+    cores), so run this module's forward/backward passes on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _expert(preset: str, channels: int = 1, num_classes: int = 0, seed: int = 0) -> Expert:
     torch.manual_seed(seed)
     spec = ExpertSpec(preset=preset, image_size=SIZE, channels=channels, num_classes=num_classes)
@@ -105,7 +115,9 @@ def test_image_size_not_divisible_is_a_user_error(preset, size):
 # --- building ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset,cls", [("unet-tiny", UNet2DModel), ("dit-tiny", DiTTransformer2DModel)])
+@pytest.mark.parametrize(
+    "preset,cls", [("unet-tiny", UNet2DModel), ("dit-tiny", DiTTransformer2DModel)]
+)
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_create_builds_the_preset_architecture(preset, cls, num_classes):
     e = _expert(preset, num_classes=num_classes)

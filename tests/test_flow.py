@@ -58,7 +58,9 @@ def test_velocity_is_noise_minus_data(shape):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_denoised_with_the_true_velocity_recovers_the_data(shape, seed):
     x0, noise, t = _draw(shape, seed=seed)
-    x_t = torch.stack([(1 - float(ti)) * a + float(ti) * b for ti, a, b in zip(t, x0, noise)])
+    x_t = torch.stack(
+        [(1 - float(ti)) * a + float(ti) * b for ti, a, b in zip(t, x0, noise, strict=True)]
+    )
     recovered = flow.denoised(x_t, t, noise - x0)
     torch.testing.assert_close(recovered, x0, rtol=1e-5, atol=1e-5)
 

@@ -17,6 +17,16 @@ from ddm_nodes.router_net import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These tensors are tiny: intra-op threads only add overhead (and thrash on 2 busy
+    cores), so run this module's forward/backward passes on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _router(preset: str = "router-tiny", channels: int = 1, k: int = 3, seed: int = 0):
     torch.manual_seed(seed)
     return RouterNet.from_preset(preset, channels, k).eval()
@@ -96,6 +106,18 @@ def test_timestep_embedding_is_cos_and_sin_of_scaled_t(dim, n):
             arg = float(t[row]) * 1000.0 * freq
             assert emb[row, i].item() == pytest.approx(math.cos(arg), abs=5e-4)
             assert emb[row, half + i].item() == pytest.approx(math.sin(arg), abs=5e-4)
+
+
+@pytest.mark.parametrize("dim", [5, 129])
+def test_an_odd_time_dim_still_gives_dim_features(dim):
+    """The docstring promises (N,) -> (N, dim); RouterNet feeds it straight into a
+    Linear(time_dim, time_dim), so an odd time_dim must work too."""
+    t = torch.rand(3, generator=torch.Generator().manual_seed(0))
+    assert timestep_embedding(t, dim).shape == (3, dim)
+    r = RouterNet(in_channels=1, num_clusters=2, widths=(8,), time_dim=dim).eval()
+    x, _ = _inputs(3, 1, size=8)
+    with torch.no_grad():
+        assert r(x, t).shape == (3, 2)
 
 
 def test_timestep_embedding_uses_the_experts_time_scale():
