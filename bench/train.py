@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def bare_loop(cfg, steps: int, threads: int) -> float:
     """The same task, data stream and optimizer as a job, with no Ray and no Accelerate."""
-    from cluster_jobs.training import batch_stream, lr_at, make_task
+    from cluster_jobs.train_tasks import batch_stream, lr_at, make_task
     from ddm_nodes.dataset_manifest import DatasetManifest
     from ddm_nodes.store import open_store
 
@@ -116,7 +116,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from cluster_jobs.prepare import PrepareConfig, prepare
-    from cluster_jobs.training import TrainConfig
+    from cluster_jobs.train_config import TrainConfig
 
     tmp = tempfile.mkdtemp(prefix="ddm-bench-train-")
     store = os.path.join(tmp, "store")

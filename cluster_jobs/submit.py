@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster_jobs.training import TrainConfig, validate
+from cluster_jobs.train_config import TrainConfig
+from cluster_jobs.training import validate
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.store import open_store

@@ -31,7 +31,8 @@ Restart = Annotated[bool, typer.Option(help="discard existing checkpoints and st
 
 
 def _run(kind: str, options: dict[str, Any]) -> None:
-    from cluster_jobs.training import TrainConfig, launch
+    from cluster_jobs.train_config import TrainConfig
+    from cluster_jobs.training import launch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     given = {k: v for k, v in options.items() if v is not None}

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from cluster_jobs.prepare import PrepareConfig, prepare
-from cluster_jobs.training import TrainConfig, heldout_loss
+from cluster_jobs.train_config import TrainConfig
+from cluster_jobs.train_tasks import heldout_loss
 from ddm_nodes.checkpoint import expert_prefix, load_model, read_manifest
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.experts import Expert, ExpertSpec
@@ -254,6 +255,6 @@ def test_patch_size_and_missing_shards_exit_2(tmp_path, ddm):
     assert len(out.stderr.strip().splitlines()) == 1
 
     next((odd / "shards" / "cluster-001").glob("*.tar")).unlink()
-    out = ddm("train", "expert", "--store", str(odd), "--cluster", "1", "--preset", "unet-tiny")
+    out = ddm("train", "expert", "--store", str(odd), "--cluster", "1", "--preset", "dit-s")
     assert out.returncode == 2 and "missing" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

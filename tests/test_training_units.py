@@ -14,21 +14,23 @@ import torch
 from pydantic import ValidationError
 
 from cluster_jobs.prepare import PrepareConfig, prepare
-from cluster_jobs.training import (
+from cluster_jobs.train_checkpoints import (
     LATEST,
-    FlowTask,
-    RouterTask,
-    TrainConfig,
     TrainState,
-    batch_stream,
     find_resume_point,
-    lr_at,
-    make_task,
     restore,
     save_training_checkpoint,
-    training_clusters,
-    validate,
 )
+from cluster_jobs.train_config import TrainConfig
+from cluster_jobs.train_tasks import (
+    FlowTask,
+    RouterTask,
+    batch_stream,
+    lr_at,
+    make_task,
+    training_clusters,
+)
+from cluster_jobs.training import validate
 from ddm_nodes import flow
 from ddm_nodes.checkpoint import MANIFEST_FILE, load_model, read_manifest
 from ddm_nodes.dataset_manifest import (
@@ -40,7 +42,7 @@ from ddm_nodes.dataset_manifest import (
 from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import Expert
 from ddm_nodes.router_net import RouterNet
-from ddm_nodes.store import LocalStore
+from ddm_nodes.store import LocalStore, open_store
 
 K = 3
 SIZE = 16
@@ -601,3 +603,40 @@ def test_validate_refuses_a_missing_shard_of_its_clusters(store_copy, prepared):
     with pytest.raises(DDMError, match="missing"):
         validate(_cfg(store_copy, "router"))
     validate(_cfg(store_copy, cluster=0))  # isolation: another cluster's shard is not checked
+
+
+def test_the_newer_of_ray_and_store_pointers_wins(prepared, tmp_path):
+    """Ray only knows reported checkpoints; the store may be ahead (or behind)."""
+    root, _ = prepared
+    store = LocalStore(tmp_path / "out")
+    cfg = _cfg(root, cluster=1)
+    store.put_bytes(f"{cfg.prefix}/{LATEST}", json.dumps({"prefix": "store", "step": 40}).encode())
+    assert find_resume_point(cfg, store, {"prefix": "ray", "step": 20}) == "store"
+    assert find_resume_point(cfg, store, {"prefix": "ray", "step": 60}) == "ray"
+    empty = LocalStore(tmp_path / "empty")
+    assert find_resume_point(cfg, empty, {"prefix": "ray", "step": 5}) == "ray"
+
+
+def test_train_local_trains_checkpoints_and_continues(store_copy):
+    """The Ray-free worker: 6 steps with a checkpoint every 4, then continued to 9 steps
+    from the step-6 checkpoint (not from scratch)."""
+    from cluster_jobs.training import train_local
+
+    cfg = _cfg(
+        store_copy,
+        cluster=0,
+        preset="dit-tiny",
+        batch_size=8,
+        steps=6,
+        checkpoint_every=4,
+        cpus_per_worker=1,
+    )
+    first = train_local(cfg)
+    store = open_store(store_copy)
+    assert first["final"] and first["step"] == 6 and first["images_seen"] == 6 * 8
+    assert read_manifest(store, cfg.prefix).step == 6
+    pointer = json.loads(store.get_bytes(f"{cfg.prefix}/{LATEST}"))
+    assert pointer["step"] == 6  # the final step is resumable too
+    more = train_local(cfg.model_copy(update={"steps": 9}))
+    assert more["step"] == 9 and more["images_seen"] == 9 * 8
+    assert load_model(store, cfg.prefix, kind="expert").manifest.step == 9

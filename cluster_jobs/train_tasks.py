@@ -1,0 +1,202 @@
+"""What a job learns and from which data: the flow-matching and router tasks, the batch
+stream (where expert isolation is enforced), the schedules, and the held-out loss."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+
+from cluster_jobs.shards import clusters_dataset
+from cluster_jobs.train_config import TrainConfig
+from ddm_nodes import flow
+from ddm_nodes.dataset_manifest import DatasetManifest
+from ddm_nodes.errors import DDMError
+from ddm_nodes.experts import NULL_LABEL, Expert, ExpertSpec, get_preset
+from ddm_nodes.router_net import RouterNet, get_router_preset
+from ddm_nodes.store import Store
+
+
+class FlowTask:
+    """Flow matching: regress the velocity ε - x_0 at a logit-normal t."""
+
+    def __init__(self, cfg: TrainConfig, manifest: DatasetManifest):
+        h, w, c = manifest.image_shape
+        if h != w:
+            raise DDMError(f"experts need square images, the store has {h}x{w}")
+        get_preset(cfg.preset)
+        classes = 0 if cfg.unconditional or not manifest.labelled else len(manifest.class_names)
+        self.spec = ExpertSpec(preset=cfg.preset, image_size=h, channels=c, num_classes=classes)
+        self.cfg = cfg
+
+    def build(self) -> torch.nn.Module:
+        return Expert.create(self.spec)
+
+    def weights_module(self, model: torch.nn.Module) -> Any:
+        return model.denoiser  # the diffusers model that save_pretrained writes
+
+    def loss(self, model, batch, gen: torch.Generator) -> torch.Tensor:
+        x0, y = batch["image"], batch["label"]
+        n = x0.shape[0]
+        if not self.spec.conditional:
+            y = torch.full_like(y, NULL_LABEL)
+        elif self.cfg.label_dropout > 0:
+            drop = torch.rand(n, generator=gen) < self.cfg.label_dropout
+            y = torch.where(drop, NULL_LABEL, y)
+        t = flow.logit_normal_t(n, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        path = flow.interpolate(x0, noise, t)
+        dev = _device_of(model)
+        pred = model(path.x_t.to(dev), t.to(dev), y.to(dev))
+        return flow.loss(pred, _to(path, dev))
+
+    def spec_json(self) -> dict[str, Any]:
+        return self.spec.model_dump()
+
+
+class RouterTask:
+    """Cross-entropy on the cluster of x_0, at t uniform in [0, 1] (routing runs at every t)."""
+
+    def __init__(self, cfg: TrainConfig, manifest: DatasetManifest):
+        self.preset = get_router_preset(cfg.preset)
+        self.channels = manifest.channels
+        self.num_clusters = manifest.num_clusters
+
+    def build(self) -> torch.nn.Module:
+        return RouterNet.from_preset(self.preset.name, self.channels, self.num_clusters)
+
+    def weights_module(self, model: torch.nn.Module) -> Any:
+        return model
+
+    def loss(self, model, batch, gen: torch.Generator) -> torch.Tensor:
+        x0 = batch["image"]
+        t = torch.rand(x0.shape[0], generator=gen)
+        path = flow.interpolate(x0, torch.randn(x0.shape, generator=gen), t)
+        dev = _device_of(model)
+        logits = model(path.x_t.to(dev), t.to(dev))
+        return torch.nn.functional.cross_entropy(logits.float(), batch["cluster"].to(dev))
+
+    def spec_json(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset.name,
+            "channels": self.channels,
+            "num_clusters": self.num_clusters,
+        }
+
+
+def make_task(cfg: TrainConfig, manifest: DatasetManifest) -> FlowTask | RouterTask:
+    if cfg.kind == "expert" and not 0 <= cfg.cluster < manifest.num_clusters:
+        raise DDMError(
+            f"--cluster {cfg.cluster} is out of range: the store has clusters "
+            f"0..{manifest.num_clusters - 1}"
+        )
+    return RouterTask(cfg, manifest) if cfg.kind == "router" else FlowTask(cfg, manifest)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(path: flow.PathSample, dev: torch.device) -> flow.PathSample:
+    return flow.PathSample(path.t.to(dev), path.x_t.to(dev), path.velocity.to(dev))
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+def training_clusters(cfg: TrainConfig, manifest: DatasetManifest) -> list[int]:
+    """Isolation lives here: an expert sees its own cluster and nothing else."""
+    return [cfg.cluster] if cfg.kind == "expert" else list(range(manifest.num_clusters))
+
+
+def batch_stream(
+    cfg: TrainConfig,
+    store: Store,
+    manifest: DatasetManifest,
+    rank: int = 0,
+    world: int = 1,
+    split: Literal["train", "heldout"] = "train",
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches {image, label, cluster}, reshuffled every epoch."""
+    clusters = training_clusters(cfg, manifest)
+    epoch = 0
+    while True:
+        pipeline = clusters_dataset(
+            store,
+            clusters,
+            split,
+            manifest=manifest,
+            shuffle=cfg.shuffle_buffer,
+            seed=cfg.seed + 7919 * epoch + rank,
+            rank=rank,
+            world_size=world,
+        )
+        buf: list[dict[str, Any]] = []
+        yielded = False
+        for sample in pipeline:
+            buf.append(sample)
+            if len(buf) == cfg.batch_size:
+                yield _collate(buf)
+                buf, yielded = [], True
+        if not yielded:
+            if buf:  # fewer samples than one batch: train on what there is
+                yield _collate(buf)
+            else:
+                raise DDMError(f"{cfg.name}: no training samples in {store.uri}")
+        epoch += 1
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "cluster": torch.tensor([s["cluster"] for s in samples], dtype=torch.long),
+    }
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant (EMA does the averaging)."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    """EMA warm-up (as diffusers' EMAModel): short runs are not dominated by the init."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    store: Store,
+    manifest: DatasetManifest,
+    max_images: int = 512,
+    seed: int = 0,
+) -> float:
+    """Mean flow-matching loss on the held-out split of the model's clusters, with noise, t
+    and (null) labels drawn from `seed`, so two models are compared on identical draws."""
+    eval_cfg = cfg.model_copy(update={"shuffle_buffer": 0, "label_dropout": 0.0})
+    task = make_task(eval_cfg, manifest)
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for k in training_clusters(cfg, manifest):
+        for sample_batch in _finite_batches(eval_cfg, store, manifest, k):
+            total += task.loss(model, sample_batch, gen).item() * len(sample_batch["image"])
+            count += len(sample_batch["image"])
+            if count >= max_images:
+                return total / count
+    if count == 0:
+        raise DDMError(f"{cfg.name}: the held-out split is empty; prepare with --heldout > 0")
+    return total / count
+
+
+def _finite_batches(cfg: TrainConfig, store: Store, manifest: DatasetManifest, cluster: int):
+    buf = []
+    for sample in clusters_dataset(store, [cluster], "heldout", manifest=manifest):
+        buf.append(sample)
+        if len(buf) == cfg.batch_size:
+            yield _collate(buf)
+            buf = []
+    if buf:
+        yield _collate(buf)
