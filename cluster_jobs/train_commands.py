@@ -1,10 +1,13 @@
 """The three training commands (`ddm train expert|router|monolith`, and
 `python -m cluster_jobs.train_expert|train_router|train_monolith`, which `ray job submit`
 runs). Each turns its options into a `TrainConfig`, launches one Ray Train job and prints
-the outcome as one JSON line. Options left out take TrainConfig's defaults."""
+the outcome as one JSON line. Options left out take TrainConfig's defaults.
 
-from __future__ import annotations
+All three share one option list (`_options`); each command is that list less what does
+not apply to it, so the option names cannot drift apart.
+"""
 
+import inspect
 import json
 import logging
 from dataclasses import asdict
@@ -14,99 +17,74 @@ import typer
 
 from cluster_jobs.user_errors import user_errors
 
-Store = Annotated[str, typer.Option(help="store URI holding the prepared dataset")]
-Preset = Annotated[str | None, typer.Option(help="model preset (EXPERT_PRESETS/ROUTER_PRESETS)")]
-Steps = Annotated[int | None, typer.Option(help="optimizer steps [1000]")]
-BatchSize = Annotated[int | None, typer.Option(help="batch size per worker [64]")]
-LR = Annotated[float | None, typer.Option(help="learning rate [3e-4]")]
-Workers = Annotated[int | None, typer.Option(help="data-parallel workers in this job [1]")]
-CpusPerWorker = Annotated[float | None, typer.Option(help="CPUs each worker reserves [1]")]
-Device = Annotated[str | None, typer.Option(help="cpu | cuda [cpu]")]
-Precision = Annotated[str | None, typer.Option(help="no | fp16 | bf16, through Accelerate [no]")]
-CkptEvery = Annotated[int | None, typer.Option(help="steps between resumable checkpoints [200]")]
-Keep = Annotated[int | None, typer.Option(help="step-numbered checkpoints kept [2]")]
-Seed = Annotated[int | None, typer.Option(help="seed for weights, noise and shuffling [0]")]
-MaxFailures = Annotated[int | None, typer.Option(help="worker-group restarts allowed [2]")]
-Restart = Annotated[bool, typer.Option(help="discard existing checkpoints and start over")]
 
-
-def _run(kind: str, options: dict[str, Any]) -> None:
-    from cluster_jobs.train_config import TrainConfig
-    from cluster_jobs.training import launch
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    given = {k: v for k, v in options.items() if v is not None}
-    outcome = launch(TrainConfig(kind=kind, **given))
-    print(json.dumps(asdict(outcome)))
-
-
-@user_errors
-def expert(
-    store: Store,
+def _options(
+    store: Annotated[str, typer.Option(help="store URI holding the prepared dataset")],
     cluster: Annotated[int, typer.Option(help="the data cluster this expert trains on")],
-    preset: Preset = None,
-    steps: Steps = None,
-    batch_size: BatchSize = None,
-    lr: LR = None,
-    workers: Workers = None,
-    cpus_per_worker: CpusPerWorker = None,
-    device: Device = None,
-    mixed_precision: Precision = None,
-    checkpoint_every: CkptEvery = None,
-    keep_checkpoints: Keep = None,
-    seed: Seed = None,
-    max_failures: MaxFailures = None,
+    preset: Annotated[str | None, typer.Option(help="model preset [experts: unet-tiny]")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps [1000]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="batch size per worker [64]")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate [experts: 3e-4]")] = None,
+    workers: Annotated[int | None, typer.Option(help="data-parallel workers [1]")] = None,
+    cpus_per_worker: Annotated[float | None, typer.Option(help="CPUs per worker [1]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda [cpu]")] = None,
+    mixed_precision: Annotated[
+        str | None, typer.Option(help="no | fp16 | bf16, through Accelerate [no]")
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="steps between resumable checkpoints [200]")
+    ] = None,
+    keep_checkpoints: Annotated[
+        int | None, typer.Option(help="step-numbered checkpoints kept [2]")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of weights, noise, shuffling [0]")] = None,
+    max_failures: Annotated[
+        int | None, typer.Option(help="worker-group restarts allowed [2]")
+    ] = None,
     unconditional: Annotated[bool, typer.Option(help="ignore the data's labels")] = False,
-    restart: Restart = False,
+    restart: Annotated[bool, typer.Option(help="discard checkpoints and start over")] = False,
 ) -> None:
-    """Train ONE expert on ONE cluster's shards (flow matching, Ray Train + Accelerate)."""
-    _run("expert", locals())
+    """The option list every training command is cut from (never called)."""
 
 
-@user_errors
-def monolith(
-    store: Store,
-    preset: Preset = None,
-    steps: Steps = None,
-    batch_size: BatchSize = None,
-    lr: LR = None,
-    workers: Workers = None,
-    cpus_per_worker: CpusPerWorker = None,
-    device: Device = None,
-    mixed_precision: Precision = None,
-    checkpoint_every: CkptEvery = None,
-    keep_checkpoints: Keep = None,
-    seed: Seed = None,
-    max_failures: MaxFailures = None,
-    unconditional: Annotated[bool, typer.Option(help="ignore the data's labels")] = False,
-    restart: Restart = False,
-) -> None:
-    """Train one model of the expert preset on ALL clusters (the monolithic baseline)."""
-    _run("monolith", locals())
+def _command(kind: str, doc: str, drop: tuple[str, ...] = (), **defaults: Any):
+    params = []
+    for name, p in inspect.signature(_options).parameters.items():
+        if name in drop:
+            continue
+        params.append(p.replace(default=defaults[name]) if name in defaults else p)
+
+    def command(**options: Any) -> None:
+        from cluster_jobs.train_config import TrainConfig
+        from cluster_jobs.training import launch
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        given = {k: v for k, v in options.items() if v is not None}
+        print(json.dumps(asdict(launch(TrainConfig(kind=kind, **given)))))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__name__, command.__doc__ = kind, doc
+    return user_errors(command)
 
 
-@user_errors
-def router(
-    store: Store,
-    preset: Annotated[str, typer.Option(help="router preset (ROUTER_PRESETS)")] = "router-tiny",
-    steps: Steps = None,
-    batch_size: BatchSize = None,
-    lr: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
-    workers: Workers = None,
-    cpus_per_worker: CpusPerWorker = None,
-    device: Device = None,
-    mixed_precision: Precision = None,
-    checkpoint_every: CkptEvery = None,
-    keep_checkpoints: Keep = None,
-    seed: Seed = None,
-    max_failures: MaxFailures = None,
-    restart: Restart = False,
-) -> None:
-    """Train the router p(cluster | x_t, t) on every cluster's shards."""
-    _run("router", locals())
-
-
-COMMANDS = {"expert": expert, "router": router, "monolith": monolith}
+COMMANDS = {
+    "expert": _command(
+        "expert",
+        "Train ONE expert on ONE cluster's shards (flow matching, Ray Train + Accelerate).",
+    ),
+    "monolith": _command(
+        "monolith",
+        "Train one model of the expert preset on ALL clusters (the monolithic baseline).",
+        drop=("cluster",),
+    ),
+    "router": _command(
+        "router",
+        "Train the router p(cluster | x_t, t) on every cluster's shards.",
+        drop=("cluster", "unconditional"),
+        preset="router-tiny",
+        lr=1e-3,
+    ),
+}
 
 
 def main(kind: str) -> None:

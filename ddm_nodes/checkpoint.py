@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
@@ -32,6 +32,7 @@ from ddm_nodes.errors import ManifestError
 from ddm_nodes.experts import DENOISER_CLASSES
 from ddm_nodes.router_net import RouterNet
 from ddm_nodes.store import Store, sha256_bytes
+from ddm_nodes.versioned_json import parse_versioned
 
 CHECKPOINT_FORMAT = 1
 CONFIG_FILE = "config.json"
@@ -106,20 +107,14 @@ def read_manifest(store: Store, prefix: str) -> CheckpointManifest:
     key = f"{prefix}/{MANIFEST_FILE}"
     if not store.exists(key):
         raise ManifestError(f"no checkpoint at {store.url(prefix)} (no {MANIFEST_FILE})")
-    try:
-        raw = json.loads(store.get_bytes(key))
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{store.url(key)} is not valid JSON: {e}") from e
-    version = raw.get("format_version") if isinstance(raw, dict) else None
-    if isinstance(version, int) and version > CHECKPOINT_FORMAT:
-        raise ManifestError(
-            f"{store.url(key)} has checkpoint format {version}, newer than this "
-            f"ddm {__version__} reads ({CHECKPOINT_FORMAT}): upgrade ddm"
-        )
-    try:
-        return CheckpointManifest.model_validate(raw)
-    except ValidationError as e:
-        raise ManifestError(f"{store.url(key)} is not a checkpoint manifest: {e}") from e
+    return parse_versioned(
+        CheckpointManifest,
+        store.get_bytes(key),
+        store.url(key),
+        CHECKPOINT_FORMAT,
+        "checkpoint manifest",
+        "train it again (or restore the folder)",
+    )
 
 
 def fetch_verified(store: Store, prefix: str, manifest: CheckpointManifest, name: str) -> bytes:

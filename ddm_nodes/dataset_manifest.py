@@ -7,15 +7,15 @@ with; readers verify them and refuse a shard that changed.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ddm_nodes import __version__
 from ddm_nodes.errors import ManifestError
 from ddm_nodes.store import Store
+from ddm_nodes.versioned_json import parse_versioned
 
 NULL_LABEL = -1  # an unlabelled sample; also the dropped ("null") class of guidance
 MANIFEST_KEY = "dataset.json"
@@ -124,22 +124,6 @@ class DatasetManifest(_Strict):
 
     @classmethod
     def from_json(cls, data: bytes | str, where: str = MANIFEST_KEY) -> DatasetManifest:
-        try:
-            raw = json.loads(data)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{where} is not valid JSON ({e}); re-run `ddm prepare`") from e
-        version = raw.get("format_version") if isinstance(raw, dict) else None
-        if isinstance(version, int) and version > FORMAT_VERSION:
-            raise ManifestError(
-                f"{where} has format version {version}, newer than this ddm {__version__} "
-                f"reads ({FORMAT_VERSION}): upgrade ddm"
-            )
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as e:
-            first = e.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "(root)"
-            raise ManifestError(
-                f"{where} is not a valid dataset manifest ({field}: {first['msg']}); "
-                "re-run `ddm prepare --overwrite`"
-            ) from e
+        return parse_versioned(
+            cls, data, where, FORMAT_VERSION, "dataset manifest", "re-run `ddm prepare --overwrite`"
+        )

@@ -171,3 +171,15 @@ def prepared_digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared-digits") / "store"
     cfg = PrepareConfig(dataset="digits", clusters=4, store=str(root), shard_size=150, seed=0)
     return cfg, prepare(cfg).manifest
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """In-process tensors in tests are tiny: intra-op threads only add overhead (and thrash
+    on 2 busy cores). Also undoes a training worker's own set_num_threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,16 +22,6 @@ FAST = ["unet-tiny", "dit-tiny"]
 SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: intra-op threads only add overhead (and thrash on 2 busy
-    cores), so run this module's forward/backward passes on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _expert(preset: str, channels: int = 1, num_classes: int = 0, seed: int = 0) -> Expert:
     torch.manual_seed(seed)
     spec = ExpertSpec(preset=preset, image_size=SIZE, channels=channels, num_classes=num_classes)

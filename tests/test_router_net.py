@@ -17,16 +17,6 @@ from ddm_nodes.router_net import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: intra-op threads only add overhead (and thrash on 2 busy
-    cores), so run this module's forward/backward passes on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _router(preset: str = "router-tiny", channels: int = 1, k: int = 3, seed: int = 0):
     torch.manual_seed(seed)
     return RouterNet.from_preset(preset, channels, k).eval()

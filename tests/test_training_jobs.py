@@ -147,6 +147,23 @@ def test_two_experts_train_in_isolation(ray_head, store, ddm):
     assert again.stdout.split().count("skipped-finished") == 2
 
 
+def test_readme_raw_ray_job_submit_works_as_printed(ray_head, store):
+    """README: `eval "$(ddm cluster env)"` then `ray job submit --working-dir . -- python -m
+    cluster_jobs.train_expert ...` (expert 0 is already trained: the job says so, exits 0)."""
+    root = Path(__file__).resolve().parent.parent
+    bindir = Path(sys.executable).parent
+    script = (
+        f'export PATH="{bindir}:$PATH"; eval "$(ddm cluster env)"; '
+        "ray job submit --working-dir . -- python -m cluster_jobs.train_expert "
+        f"--store {store} --cluster 0 --preset dit-tiny --steps 30 --batch-size 16"
+    )
+    out = subprocess.run(
+        ["bash", "-c", script], cwd=root, env=ray_head, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "already trained to step 30" in out.stdout + out.stderr
+
+
 def _latest_step(store: str, k: int) -> int:
     path = Path(store) / expert_prefix(k) / "checkpoints" / "latest.json"
     return json.loads(path.read_text())["step"] if path.exists() else 0

@@ -48,16 +48,6 @@ K = 3
 SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: intra-op threads only add overhead (and thrash on 2 busy
-    cores), so run this module's forward/backward passes on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> tuple[str, DatasetManifest]:
     """digits, 16x16, K=3, in a local store. Read-only: tests that change it copy it."""
@@ -640,3 +630,16 @@ def test_train_local_trains_checkpoints_and_continues(store_copy):
     more = train_local(cfg.model_copy(update={"steps": 9}))
     assert more["step"] == 9 and more["images_seen"] == 9 * 8
     assert load_model(store, cfg.prefix, kind="expert").manifest.step == 9
+
+
+@pytest.mark.parametrize("kind", ["router", "monolith"])
+def test_router_and_monolith_jobs_run_and_save_their_kind(store_copy, kind):
+    from cluster_jobs.training import train_local
+
+    preset = "router-tiny" if kind == "router" else "dit-tiny"
+    cfg = _cfg(store_copy, kind=kind, preset=preset, batch_size=8, steps=4, checkpoint_every=2)
+    result = train_local(cfg)
+    assert result["final"] and result["step"] == 4
+    loaded = load_model(open_store(store_copy), cfg.prefix, kind=kind)
+    assert loaded.manifest.cluster is None and loaded.training["kind"] == kind
+    assert isinstance(loaded.model, RouterNet) == (kind == "router")
