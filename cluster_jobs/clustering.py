@@ -68,7 +68,8 @@ def cluster_images(
             largest_smallest_ratio=float(counts.max() / counts.min()),
             silhouette=silhouette,
             silhouette_sample=min(silhouette_sample, n),
-            inertia=float(km.inertia_),
+            # 6 significant digits: the raw float sum varies with OpenMP's summation order
+            inertia=float(f"{km.inertia_:.6g}"),
         ),
     )
 

@@ -24,7 +24,11 @@ def test_same_seed_gives_the_same_clustering(digits_set, clustered):
     np.testing.assert_array_equal(again.assignments, clustered.assignments)
     assert torch.equal(again.space.centroids, clustered.space.centroids)
     assert torch.equal(again.space.extractor.components, clustered.space.extractor.components)
-    assert again.stats == clustered.stats
+    # inertia is a float sum whose order OpenMP may change; everything else is exact
+    assert again.stats.model_copy(update={"inertia": 0.0}) == clustered.stats.model_copy(
+        update={"inertia": 0.0}
+    )
+    assert again.stats.inertia == pytest.approx(clustered.stats.inertia, rel=1e-9)
 
 
 def _check_consistent(images, result, k):
