@@ -130,6 +130,11 @@ def test_two_experts_train_in_isolation(ray_head, store, ddm):
         assert read == {f"cluster-{k:03d}"}, logs[-3000:]
         assert "rank 0 of 1 in this job's own process group" in logs
 
+    listed = ddm("jobs", "--json", env=ray_head)
+    assert listed.returncode == 0, listed.stderr
+    states = {row["submission_id"]: row["status"] for row in json.loads(listed.stdout)}
+    assert all(states[sid] == "SUCCEEDED" for sid in ids)
+
     again = ddm(
         "submit",
         "--store",

@@ -1,0 +1,266 @@
+"""Routing policies: per sample and per step, which experts see x_t and with what weight.
+
+A policy is chosen per request by a name string (`get_policy("top-2")`) and is data, not a
+code path: a small pure function from what it consumes to a `RoutingDecision`, whose
+per-sample weights sum to 1.
+
+    full                  every expert, weights = router probabilities p(k | x_t, t)
+                          (experts below MIN_WEIGHT skipped, the rest renormalised)
+    top-K                 the K most probable experts, renormalised (top-1, top-2, ...)
+    threshold-T           every expert with p >= T (0 < T <= 1), at least the top-1,
+                          renormalised
+    uniform               every expert, equal weights (the naive ensemble)
+    nearest-centroid[-K]  no router: the K (default 1) clusters whose centroids lie closest
+                          to the denoised estimate x̂_0 in the data set's feature space,
+                          weights softmax(-distance / temperature) over those K; the
+                          expert-data alignment principle used directly as a policy
+    oracle                the cluster the held-out image behind x_t came from (analysis)
+
+`policy.needs` says what the policy consumes: "router" (probabilities), "features"
+(distances to the cluster centroids), "oracle" (true clusters) or None (uniform). Ties
+go to the lower expert id. Which x̂_0 nearest-centroid embeds, and what it does before any
+velocity exists, is the sampler's business (see sampler.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ddm_nodes.errors import DDMError
+
+MIN_WEIGHT = 1e-6  # `full` skips experts whose router probability is below this
+DEFAULT_TEMPERATURE = 1.0  # nearest-centroid: softmax(-distance / temperature)
+NO_EXPERT = -1  # padding in RoutingDecision.ids
+Needs = Literal["router", "features", "oracle"]
+POLICY_FORMS = (
+    "full",
+    "uniform",
+    "top-K",
+    "threshold-T",
+    "nearest-centroid",
+    "nearest-centroid-K",
+    "oracle",
+)
+
+
+class RoutingError(DDMError, ValueError):
+    """A policy name, option or routing input the caller can fix."""
+
+
+def valid_forms(num_experts: int | None = None) -> str:
+    """The policy grammar, for error messages (with K's range when K is known)."""
+    k = f"1 <= K <= {num_experts}" if num_experts else "K >= 1, at most the number of experts"
+    return (
+        f"full, uniform, top-K ({k}), threshold-T (0 < T <= 1), nearest-centroid, "
+        f"nearest-centroid-K ({k}), oracle"
+    )
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """Selected experts and their weights, per sample; slot j of sample n is expert
+    ids[n, j] with weight weights[n, j]. Empty slots hold NO_EXPERT and weight 0."""
+
+    ids: torch.Tensor  # (N, m) long
+    weights: torch.Tensor  # (N, m) float, each row sums to 1
+
+    @property
+    def selected(self) -> torch.Tensor:
+        """(N, m) bool: the slots that hold an expert."""
+        return self.ids != NO_EXPERT
+
+    def counts(self) -> torch.Tensor:
+        """(N,) how many experts each sample selected."""
+        return self.selected.sum(dim=1)
+
+    def experts(self) -> list[int]:
+        """Every expert some sample selected, ascending."""
+        return torch.unique(self.ids[self.selected]).tolist()
+
+    def rows(self, expert_id: int) -> torch.Tensor:
+        """(n_k,) indices of the samples that selected `expert_id`, ascending."""
+        return (self.ids == expert_id).any(dim=1).nonzero().squeeze(1)
+
+    def dense(self, num_experts: int) -> torch.Tensor:
+        """(N, K) weights, 0 for unselected experts."""
+        out = torch.zeros(self.ids.shape[0], num_experts, dtype=self.weights.dtype)
+        slot = torch.where(self.selected, self.ids, 0)
+        return out.scatter_add_(1, slot, torch.where(self.selected, self.weights, 0))
+
+
+# --- the policies: pure functions of what they consume -----------------------------------
+
+
+def _ranked(ids: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor) -> RoutingDecision:
+    """Keep a prefix of each row of ranked (ids, weights), renormalise, trim empty columns."""
+    keep = keep.clone()
+    keep[:, 0] = True  # every sample keeps its best expert
+    weights = torch.where(keep, weights, 0)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    width = int(keep.sum(dim=1).max())
+    ids = torch.where(keep, ids, NO_EXPERT)
+    return RoutingDecision(ids[:, :width].contiguous(), weights[:, :width].contiguous())
+
+
+def _by_probability(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts ranked by decreasing probability, ties to the lower id: (ids, probs)."""
+    ranked, ids = torch.sort(probs, dim=1, descending=True, stable=True)
+    return ids, ranked
+
+
+def full(probs: torch.Tensor) -> RoutingDecision:
+    """Every expert, weighted by its router probability; those below MIN_WEIGHT skipped."""
+    ids, ranked = _by_probability(probs)
+    return _ranked(ids, ranked, ranked >= MIN_WEIGHT)
+
+
+def top_k(probs: torch.Tensor, k: int) -> RoutingDecision:
+    """The k most probable experts, probabilities renormalised over them."""
+    ids, ranked = _by_probability(probs)
+    keep = torch.zeros_like(ranked, dtype=torch.bool)
+    keep[:, :k] = True
+    return _ranked(ids, ranked, keep)
+
+
+def threshold(probs: torch.Tensor, tau: float) -> RoutingDecision:
+    """Every expert with probability >= tau (always at least the top-1), renormalised."""
+    ids, ranked = _by_probability(probs)
+    return _ranked(ids, ranked, ranked >= tau)
+
+
+def uniform(num_samples: int, num_experts: int) -> RoutingDecision:
+    """Every expert with weight 1/K: the naive ensemble."""
+    ids = torch.arange(num_experts).expand(num_samples, num_experts).contiguous()
+    return RoutingDecision(ids, torch.full((num_samples, num_experts), 1.0 / num_experts))
+
+
+def nearest_centroid(distances: torch.Tensor, k: int, temperature: float) -> RoutingDecision:
+    """The k clusters with the closest centroids, weights softmax(-distance / temperature)."""
+    near, ids = torch.sort(distances.float(), dim=1, stable=True)
+    near, ids = near[:, :k], ids[:, :k]
+    return RoutingDecision(ids.contiguous(), torch.softmax(-near / temperature, dim=1))
+
+
+def oracle(clusters: torch.Tensor) -> RoutingDecision:
+    """The true cluster of each sample, weight 1."""
+    ids = clusters.reshape(-1, 1).long()
+    return RoutingDecision(ids.contiguous(), torch.ones(ids.shape, dtype=torch.float32))
+
+
+# --- the parsed, per-request policy ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed policy name; `select` turns what it `needs` into a RoutingDecision."""
+
+    name: str
+    kind: Literal["full", "uniform", "top", "threshold", "nearest-centroid", "oracle"]
+    k: int | None = None
+    tau: float | None = None
+    temperature: float = DEFAULT_TEMPERATURE
+
+    @property
+    def needs(self) -> Needs | None:
+        if self.kind in ("full", "top", "threshold"):
+            return "router"
+        if self.kind == "nearest-centroid":
+            return "features"
+        return "oracle" if self.kind == "oracle" else None
+
+    def select(
+        self,
+        num_samples: int,
+        num_experts: int,
+        *,
+        probs: torch.Tensor | None = None,
+        distances: torch.Tensor | None = None,
+        clusters: torch.Tensor | None = None,
+    ) -> RoutingDecision:
+        """The decision for `num_samples` samples over experts 0..num_experts-1, from the
+        input this policy needs: probs (N, K), distances (N, K) or clusters (N,)."""
+        if self.k is not None and self.k > num_experts:
+            raise RoutingError(
+                f"policy {self.name!r} selects {self.k} experts but there are only "
+                f"{num_experts}; valid forms: {valid_forms(num_experts)}"
+            )
+        if self.needs is None:
+            return uniform(num_samples, num_experts)
+        given = {"router": probs, "features": distances, "oracle": clusters}[self.needs]
+        what = {"router": "router probabilities", "features": "centroid distances"}
+        if given is None:
+            raise RoutingError(
+                f"policy {self.name!r} needs {what.get(self.needs, 'the true clusters')}"
+            )
+        if self.needs == "oracle":
+            _check_shape(given, (num_samples,), "clusters")
+            if given.numel() and not 0 <= int(given.min()) <= int(given.max()) < num_experts:
+                raise RoutingError(
+                    f"oracle clusters must lie in 0..{num_experts - 1}, got "
+                    f"{sorted(set(given.tolist()))}"
+                )
+            return oracle(given)
+        _check_shape(given, (num_samples, num_experts), what[self.needs])
+        if self.kind == "full":
+            return full(given)
+        if self.kind == "top":
+            return top_k(given, self.k)
+        if self.kind == "threshold":
+            return threshold(given, self.tau)
+        return nearest_centroid(given, self.k, self.temperature)
+
+
+def _check_shape(x: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    if tuple(x.shape) != shape:
+        raise RoutingError(f"{what} have shape {tuple(x.shape)}, expected {shape} (N, K)")
+
+
+_TOP = re.compile(r"top-(\d+)")
+_THRESHOLD = re.compile(r"threshold-(.+)")
+_NEAREST = re.compile(r"nearest-centroid(?:-(\d+))?")
+
+
+def get_policy(name: str, *, temperature: float | None = None) -> Policy:
+    """Parse a policy name (see the module docstring); `temperature` is nearest-centroid's
+    softmax temperature (default DEFAULT_TEMPERATURE) and is refused for other policies.
+    K <= number of experts is checked when the policy is applied."""
+    text = name.strip().lower() if isinstance(name, str) else ""
+    policy = None
+    if text in ("full", "uniform", "oracle"):
+        policy = Policy(text, text)
+    elif m := _TOP.fullmatch(text):
+        policy = _with_k(name, "top", m.group(1))
+    elif m := _THRESHOLD.fullmatch(text):
+        try:
+            tau = float(m.group(1))
+        except ValueError:
+            tau = math.nan
+        if not 0 < tau <= 1:  # also refuses nan
+            raise RoutingError(
+                f"threshold in {name!r} must satisfy 0 < T <= 1; valid forms: {valid_forms()}"
+            )
+        policy = Policy(f"threshold-{tau:.12g}", "threshold", tau=tau)
+    elif m := _NEAREST.fullmatch(text):
+        policy = _with_k(name, "nearest-centroid", m.group(1) or "1")
+    if policy is None:
+        raise RoutingError(f"unknown routing policy {name!r}; valid forms: {valid_forms()}")
+    if temperature is not None:
+        if policy.kind != "nearest-centroid":
+            raise RoutingError(f"temperature applies to nearest-centroid only, not {name!r}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise RoutingError(f"temperature must be a positive number, got {temperature}")
+        policy = Policy(policy.name, policy.kind, k=policy.k, temperature=float(temperature))
+    return policy
+
+
+def _with_k(name: str, kind: str, digits: str) -> Policy:
+    k = int(digits)
+    if k < 1:
+        raise RoutingError(f"K in {name!r} must be at least 1; valid forms: {valid_forms()}")
+    canonical = f"{kind}-{k}" if kind == "top" or k > 1 else kind
+    return Policy(canonical, kind, k=k)

@@ -1,0 +1,345 @@
+"""The one sampling loop: flow-matching ODE from noise (t = 1) to data (t = 0), routed.
+
+Every velocity evaluation at (x, t) runs the same five moves:
+
+    route     router probabilities p(k | x, t) (or centroid distances, or oracle clusters)
+              -> policy -> RoutingDecision (per sample: expert ids and weights summing to 1)
+    group     samples by selected expert
+    dispatch  ONE `experts.predict` call per selected expert with its sub-batch, all calls
+              gathered concurrently; an expert no sample selected is not called
+    scatter   each sub-batch's velocities back to its samples
+    merge     v(x_n) = sum_k w_nk v_k(x_n), in ascending expert id
+
+and the solver turns velocities into steps (see `euler` and `heun`). Conditioning: with
+labels and guidance g != 1, each selected expert gets one call on the stacked batch
+[x with labels; x with NULL_LABEL] and applies classifier-free guidance itself,
+v_k = v_null + g (v_cond - v_null), before experts are merged (as Paris does). The router
+sees (x, t) only.
+
+`experts` is any object with `num_experts` and `predict(expert_id, x_t, t, y) -> v`
+(y: (n,) class ids / NULL_LABEL, or None for unconditional), answering either a tensor or
+an awaitable of one; the sampler knows nothing of where experts live. `sample_async` is the
+core (the Serve router awaits it); `sample` runs it in a fresh event loop for in-process
+use. Sync backends are called one after another inside the gather (no threads), so results
+are deterministic: the same x_T, policy, grid and weights give the same images every run.
+
+nearest-centroid embeds the denoised estimate x̂_0 = flow.denoised(x, t, v) = x - t v,
+with v the merged velocity of the previous evaluation. The first evaluation has no velocity
+yet, so it routes `uniform`ly over all experts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+from ddm_nodes import flow
+from ddm_nodes.dataset_manifest import NULL_LABEL
+from router_service.policies import (
+    Policy,
+    RoutingDecision,
+    RoutingError,
+    get_policy,
+    uniform,
+)
+
+Solver = Literal["euler", "heun"]
+Velocity = Callable[[torch.Tensor, float, int], Awaitable[torch.Tensor]]
+
+
+class Experts(Protocol):
+    """What the sampler needs from a set of experts, local or remote."""
+
+    @property
+    def num_experts(self) -> int: ...
+
+    def predict(
+        self, expert_id: int, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
+    ) -> torch.Tensor | Awaitable[torch.Tensor]: ...
+
+
+# --- time grids: small pure functions ----------------------------------------------------
+
+
+def time_grid(steps: int, start: float = 1.0, end: float = 0.0) -> torch.Tensor:
+    """steps + 1 evenly spaced times from `start` (1.0: noise) down to `end` (0.0: data)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    grid = torch.linspace(start, end, steps + 1, dtype=torch.float64)
+    check_time_grid(grid)
+    return grid
+
+
+def check_time_grid(grid: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """The grid as a float64 tensor, or a ValueError: 1-D, at least 2 points, within [0, 1]
+    and strictly decreasing (sampling runs from noise towards data)."""
+    g = torch.as_tensor(grid, dtype=torch.float64)
+    if g.ndim != 1 or len(g) < 2:
+        raise ValueError(f"a time grid is 1-D with at least 2 points, got shape {tuple(g.shape)}")
+    if not (torch.isfinite(g).all() and g.min() >= 0 and g.max() <= 1):
+        raise ValueError(f"time grid values must lie in [0, 1], got {g.tolist()}")
+    if not (g[1:] < g[:-1]).all():
+        raise ValueError("a time grid must be strictly decreasing (t = 1 noise to t = 0 data)")
+    return g
+
+
+def initial_noise(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """x_T ~ N(0, I) of shape (n, *shape), float32 on the CPU, from a seeded generator."""
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+# --- solvers: same signature, state in locals ----------------------------------------------
+
+
+async def euler(velocity: Velocity, x: torch.Tensor, grid: list[float]) -> torch.Tensor:
+    """Euler: x <- x + (t_next - t) v(x, t)."""
+    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
+        x = x + (t_next - t) * await velocity(x, t, i)
+    return x
+
+
+async def heun(velocity: Velocity, x: torch.Tensor, grid: list[float]) -> torch.Tensor:
+    """Heun (explicit trapezoid): predict with v(x, t), correct with the mean of v(x, t) and
+    v(x_pred, t_next). A step that ends at t = 0 stays an Euler step, as in k-diffusion:
+    experts never train at t = 0 exactly, the velocity of a sharp data distribution is
+    singular there, and it saves one routed evaluation."""
+    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
+        v = await velocity(x, t, i)
+        x_pred = x + (t_next - t) * v
+        if t_next == 0:
+            x = x_pred
+        else:
+            x = x + (t_next - t) * (v + await velocity(x_pred, t_next, i)) / 2
+    return x
+
+
+SOLVERS: dict[str, Callable[..., Awaitable[torch.Tensor]]] = {"euler": euler, "heun": heun}
+
+
+# --- named results -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """One velocity evaluation (Heun makes two per step, the second at the next time)."""
+
+    step: int  # index of the grid interval this evaluation belongs to
+    t: float
+    x_t: torch.Tensor  # (N, C, H, W) the state routed and denoised
+    decision: RoutingDecision
+    velocity: torch.Tensor  # (N, C, H, W) the merged velocity
+    probs: torch.Tensor | None = None  # (N, K) router probabilities, when a router was given
+    distances: torch.Tensor | None = None  # (N, K) nearest-centroid's distances of x̂_0
+    predictions: torch.Tensor | None = None  # (K, N, C, H, W) every expert's (guided) velocity
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    final: torch.Tensor  # (N, C, H, W) the ODE state at the grid's last time, unclipped
+    expert_calls: list[int]  # predict calls per expert id during this run
+    evaluations: int  # routed velocity evaluations
+    experts_per_step: float  # mean over evaluations and samples of experts selected
+    trace: list[StepTrace] | None = None
+
+    @property
+    def images(self) -> torch.Tensor:
+        """(N, C, H, W) float in [-1, 1]: the final state clipped to the pixel range."""
+        return self.final.clamp(-1.0, 1.0)
+
+
+# --- one routed velocity evaluation ------------------------------------------------------
+
+
+async def _resolve(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+@dataclass
+class _RoutedVelocity:
+    """v(x, t): route, group, dispatch, scatter, merge. Holds the run's counters."""
+
+    experts: Any
+    router: Any
+    policy: Policy
+    features: Any
+    clusters: torch.Tensor | None
+    labels: torch.Tensor | None
+    guidance: float
+    trace: list[StepTrace] | None
+    trace_all_experts: bool
+    calls: list[int] = field(default_factory=list)
+    selected: list[float] = field(default_factory=list)
+    previous: torch.Tensor | None = None  # the last merged velocity (nearest-centroid)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.calls)
+
+    async def __call__(self, x: torch.Tensor, t_value: float, step: int) -> torch.Tensor:
+        n, K = x.shape[0], self.num_experts
+        t = torch.full((n,), t_value, dtype=x.dtype, device=x.device)
+        probs = distances = None
+        if self.router is not None and (self.policy.needs == "router" or self.trace is not None):
+            with torch.no_grad():
+                logits = self.router(x, t)
+            probs = torch.softmax((await _resolve(logits)).float(), dim=-1).cpu()
+        if self.policy.needs == "features" and self.previous is None:
+            decision = uniform(n, K)  # no velocity yet, so no x̂_0 to embed
+        else:
+            if self.policy.needs == "features":
+                x0_hat = flow.denoised(x, t, self.previous)
+                distances = self.features.distances(x0_hat).float().cpu()
+            clusters = None if self.clusters is None else self.clusters.cpu()
+            decision = self.policy.select(n, K, probs=probs, distances=distances, clusters=clusters)
+
+        everyone = self.trace_all_experts
+        ids = list(range(K)) if everyone else decision.experts()
+        rows = {k: decision.rows(k).to(x.device) for k in ids}
+        outputs = await asyncio.gather(
+            *(self._predict(k, x, t, None if everyone else rows[k]) for k in ids)
+        )
+        dense = decision.dense(K).to(x.device, x.dtype)  # (N, K)
+        velocity = torch.zeros_like(x)
+        for k, v in zip(ids, outputs, strict=True):  # ascending k: a fixed summation order
+            r = rows[k]
+            if everyone:
+                v = v[r]  # traced experts that no sample selected add nothing
+            w = dense[r, k].reshape(-1, *[1] * (x.ndim - 1))
+            velocity[r] += w * v.to(x.dtype)
+
+        self.previous = velocity
+        self.selected.append(float(decision.counts().float().mean()))
+        if self.trace is not None:
+            self.trace.append(
+                StepTrace(
+                    step=step,
+                    t=t_value,
+                    x_t=x,
+                    decision=decision,
+                    velocity=velocity,
+                    probs=probs,
+                    distances=distances,
+                    predictions=torch.stack(outputs) if everyone else None,
+                )
+            )
+        return velocity
+
+    async def _predict(
+        self, k: int, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Expert k's velocity on the samples `rows` (all when None), guidance applied."""
+        if rows is not None:
+            x, t = x[rows], t[rows]
+        y = self.labels
+        if y is not None and rows is not None:
+            y = y[rows]
+        self.calls[k] += 1
+        if y is None or self.guidance == 1:
+            return await _resolve(self.experts.predict(k, x, t, y))
+        n = x.shape[0]
+        stacked = await _resolve(
+            self.experts.predict(
+                k,
+                torch.cat([x, x]),
+                torch.cat([t, t]),
+                torch.cat([y, torch.full_like(y, NULL_LABEL)]),
+            )
+        )
+        v_cond, v_null = stacked[:n], stacked[n:]
+        return v_null + self.guidance * (v_cond - v_null)
+
+
+# --- the sampler -------------------------------------------------------------------------
+
+
+async def sample_async(
+    experts: Experts,
+    router: Callable[[torch.Tensor, torch.Tensor], Any] | None,
+    policy: Policy | str,
+    x_T: torch.Tensor,
+    time_grid: torch.Tensor | Sequence[float],
+    solver: Solver = "euler",
+    *,
+    labels: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    features: Any = None,
+    clusters: torch.Tensor | None = None,
+    trace: bool = False,
+    trace_all_experts: bool = False,
+) -> SampleResult:
+    """Integrate dx/dt = v from x_T at time_grid[0] to time_grid[-1], routing every
+    velocity evaluation through `policy`.
+
+    experts   `num_experts` K and `predict(expert_id, x_t, t, y)` (sync or async)
+    router    logits = router(x_t, t), (N, K) (or an awaitable of them); needed by the
+              router policies (full, top-K, threshold-T), else optional
+    policy    a Policy or a name for `get_policy`
+    x_T       (N, C, H, W) the starting state (`initial_noise` for a seeded one)
+    labels    (N,) class ids or NULL_LABEL; with guidance g != 1 each selected expert
+              applies classifier-free guidance before the merge
+    features  anything with `distances(images) -> (N, K)`: nearest-centroid's feature space
+    clusters  (N,) the true cluster of each sample: the oracle policy's input
+    trace     record a StepTrace per evaluation (router probabilities whenever a router is
+              given, even when the policy does not use them)
+    trace_all_experts  also record every expert's prediction: every expert is then called
+              on the whole batch at every evaluation (K calls instead of the selected
+              ones) and the merge uses those same predictions, so the trajectory matches an
+              untraced run within float tolerance (batches are composed differently)
+    """
+    if isinstance(policy, str):
+        policy = get_policy(policy)
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
+    grid = check_time_grid(time_grid).tolist()
+    num_experts = int(experts.num_experts)
+    n = x_T.shape[0]
+    if num_experts < 1:
+        raise ValueError("there are no experts to sample with")
+    if policy.needs == "router" and router is None:
+        raise RoutingError(
+            f"policy {policy.name!r} needs a router, and none was given: train one with "
+            "`ddm submit --store STORE --router` or use uniform / nearest-centroid"
+        )
+    if policy.needs == "features" and features is None:
+        raise RoutingError(f"policy {policy.name!r} needs the data set's feature space")
+    if policy.needs == "oracle" and clusters is None:
+        raise RoutingError("the oracle policy needs each sample's true cluster (clusters=)")
+    if labels is not None and tuple(labels.shape) != (n,):
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({n},)")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance}")
+    if guidance != 1 and labels is None:
+        raise ValueError(f"guidance {guidance} needs labels: guidance compares them to null")
+
+    velocity = _RoutedVelocity(
+        experts=experts,
+        router=router,
+        policy=policy,
+        features=features,
+        clusters=clusters,
+        labels=None if labels is None else labels.to(x_T.device, torch.long),
+        guidance=float(guidance),
+        trace=[] if (trace or trace_all_experts) else None,
+        trace_all_experts=trace_all_experts,
+        calls=[0] * num_experts,
+    )
+    final = await SOLVERS[solver](velocity, x_T, grid)
+    return SampleResult(
+        final=final,
+        expert_calls=velocity.calls,
+        evaluations=len(velocity.selected),
+        experts_per_step=sum(velocity.selected) / len(velocity.selected),
+        trace=velocity.trace,
+    )
+
+
+def sample(*args: Any, **kwargs: Any) -> SampleResult:
+    """`sample_async` run to completion in a fresh event loop, for in-process use (inside a
+    running event loop, await `sample_async` instead). Same arguments."""
+    return asyncio.run(sample_async(*args, **kwargs))
