@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/prepare.py
 	$(PY) bench/train.py
+	$(PY) bench/sample.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

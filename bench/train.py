@@ -3,7 +3,7 @@ PyTorch loop on the same model, data, batch size and thread count, in the same r
 the wall time to train every expert of fashion-mnist K=8 as Ray jobs (`ddm submit`).
 
 Prints JSON. Throughput excludes start-up (worker group, first step) on both sides.
-    python bench/train.py [--steps 150] [--threads 2] [--all-steps 200] [--skip-all]
+    python bench/train.py [--steps 150] [--threads 2] [--all-steps 40] [--skip-all]
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--all-steps", type=int, default=200)
+    ap.add_argument("--all-steps", type=int, default=40)
     ap.add_argument("--all-preset", default="unet-tiny")
     ap.add_argument("--skip-all", action="store_true")
     args = ap.parse_args()

@@ -221,6 +221,56 @@ def jobs(
         print(f"{r['status']:10s} {r['submission_id']}")
 
 
+@app.command("sample")
+@user_errors
+def sample_command(
+    store: Annotated[str, typer.Option(help="store URI with trained experts (and router)")],
+    out: Annotated[str, typer.Option(help="PNG image grid to write")],
+    strategy: Annotated[
+        str, typer.Option(help="full | uniform | top-K | threshold-T | nearest-centroid[-K]")
+    ] = "top-2",
+    n: Annotated[int, typer.Option(help="images to sample")] = 64,
+    steps: Annotated[int, typer.Option(help="ODE steps from noise to data")] = 50,
+    solver: Annotated[str, typer.Option(help="euler | heun")] = "euler",
+    seed: Annotated[int, typer.Option(help="seed of the initial noise")] = 0,
+    label: Annotated[str | None, typer.Option(help="class name or id (conditional)")] = None,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 1.0,
+    npy: Annotated[str | None, typer.Option(help="also write the raw (N,C,H,W) array")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Sample images in-process with per-step routing; prints how often each expert ran."""
+    from cluster_jobs.sampling import grid_png, npy_bytes, run_sample, write_atomic
+    from router_service.local_experts import LocalExperts
+
+    experts = LocalExperts(store, device=device)
+    run = run_sample(experts, strategy, n, steps, solver, seed, label, guidance)
+    write_atomic(out, grid_png(run.images))
+    if npy:
+        write_atomic(npy, npy_bytes(run.images))
+    summary = {
+        "out": out,
+        "npy": npy,
+        "strategy": strategy,
+        "n": n,
+        "steps": steps,
+        "solver": solver,
+        "seed": seed,
+        "expert_calls": run.expert_calls,
+        "experts_per_step": round(run.experts_per_step, 3),
+        "seconds": round(run.seconds, 2),
+    }
+    if as_json:
+        print(json.dumps(summary))
+        return
+    calls = "  ".join(f"expert-{k:03d}: {c}" for k, c in enumerate(run.expert_calls))
+    print(
+        f"{strategy}: {n} images, {steps} {solver} steps in {run.seconds:.1f} s; "
+        f"{run.experts_per_step:.2f} experts per sample per step\ncalls  {calls}\nwrote {out}"
+        + (f" and {npy}" if npy else "")
+    )
+
+
 def _print_cluster_table(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
