@@ -98,7 +98,7 @@ def submitted_ids(stdout: str) -> list[str]:
 
 
 def test_two_experts_train_in_isolation(ray_head, store, ddm):
-    done = ddm(
+    submit = [
         "submit",
         "--store",
         store,
@@ -109,9 +109,8 @@ def test_two_experts_train_in_isolation(ray_head, store, ddm):
         "--checkpoint-every",
         "10",
         *TINY,
-        "--wait",
-        env=ray_head,
-    )
+    ]
+    done = ddm(*submit, "--wait", env=ray_head)
     assert done.returncode == 0, done.stdout + done.stderr
     ids = submitted_ids(done.stdout)
     assert [i.split("-")[2] for i in ids] == ["000", "001"]
@@ -135,19 +134,7 @@ def test_two_experts_train_in_isolation(ray_head, store, ddm):
     states = {row["submission_id"]: row["status"] for row in json.loads(listed.stdout)}
     assert all(states[sid] == "SUCCEEDED" for sid in ids)
 
-    again = ddm(
-        "submit",
-        "--store",
-        store,
-        "--clusters",
-        "0,1",
-        "--steps",
-        "30",
-        "--checkpoint-every",
-        "10",
-        *TINY,
-        env=ray_head,
-    )
+    again = ddm(*submit, env=ray_head)
     assert again.returncode == 0, again.stderr
     assert again.stdout.split().count("skipped-finished") == 2
 
