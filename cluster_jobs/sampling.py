@@ -17,6 +17,7 @@ from PIL import Image
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.pixels import to_uint8
+from ddm_nodes.store import LocalStore
 from router_service.local_experts import LocalExperts
 from router_service.policies import get_policy
 from router_service.sampler import initial_noise, sample, time_grid
@@ -106,15 +107,9 @@ def grid_png(images: torch.Tensor, columns: int | None = None) -> bytes:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write beside the target, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Through the store's atomic put (temp name, then rename): no reader sees half a file."""
+    path = Path(path).expanduser().resolve()
+    LocalStore(path.parent).put_bytes(path.name, data)
 
 
 def npy_bytes(images: torch.Tensor) -> bytes:

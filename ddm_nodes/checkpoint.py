@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from ddm_nodes import __version__
 from ddm_nodes.errors import ManifestError
 from ddm_nodes.experts import DENOISER_CLASSES
+from ddm_nodes.features import safetensors_metadata
 from ddm_nodes.router_net import RouterNet
 from ddm_nodes.store import Store, sha256_bytes
 from ddm_nodes.versioned_json import parse_versioned
@@ -148,8 +149,7 @@ def load_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The resumable training state saved with a checkpoint: (tensors, metadata)."""
     data = fetch_verified(store, prefix, manifest, STATE_FILE)
-    header_len = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    meta = safetensors_metadata(data)
     return load_safetensors(data), json.loads(meta.get("meta", "{}"))
 
 

@@ -181,7 +181,7 @@ class FeatureSpace:
     @classmethod
     def from_bytes(cls, data: bytes) -> FeatureSpace:
         tensors = load_safetensors(data)
-        meta = json.loads(_safetensors_metadata(data).get("feature_space", "{}"))
+        meta = json.loads(safetensors_metadata(data).get("feature_space", "{}"))
         extractor_cls = get_extractor(meta.get("method", "?"))
         inner = {k.removeprefix("extractor."): v for k, v in tensors.items() if k != "centroids"}
         extractor = extractor_cls.from_tensors(inner, meta.get("params", {}))
@@ -204,7 +204,7 @@ class FeatureSpace:
         return space
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
+def safetensors_metadata(data: bytes) -> dict[str, str]:
     """The header's `__metadata__` (safetensors: u64 little-endian length, then JSON)."""
     header_len = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
