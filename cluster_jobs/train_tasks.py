@@ -3,7 +3,7 @@ stream (where expert isolation is enforced), the schedules, and the held-out los
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -132,19 +132,27 @@ def batch_stream(
             rank=rank,
             world_size=world,
         )
-        buf: list[dict[str, Any]] = []
         yielded = False
-        for sample in pipeline:
-            buf.append(sample)
-            if len(buf) == cfg.batch_size:
-                yield _collate(buf)
-                buf, yielded = [], True
+        for batch in _batched(pipeline, cfg.batch_size):
+            # a short last batch is only used when the data holds less than one batch
+            if len(batch["image"]) == cfg.batch_size or not yielded:
+                yield batch
+                yielded = True
         if not yielded:
-            if buf:  # fewer samples than one batch: train on what there is
-                yield _collate(buf)
-            else:
-                raise DDMError(f"{cfg.name}: no training samples in {store.uri}")
+            raise DDMError(f"{cfg.name}: no training samples in {store.uri}")
         epoch += 1
+
+
+def _batched(samples: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of `size` samples; the last one may be smaller."""
+    buf: list[dict[str, Any]] = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) == size:
+            yield _collate(buf)
+            buf = []
+    if buf:
+        yield _collate(buf)
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -181,7 +189,8 @@ def heldout_loss(
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for k in training_clusters(cfg, manifest):
-        for sample_batch in _finite_batches(eval_cfg, store, manifest, k):
+        heldout = clusters_dataset(store, [k], "heldout", manifest=manifest)
+        for sample_batch in _batched(heldout, eval_cfg.batch_size):
             total += task.loss(model, sample_batch, gen).item() * len(sample_batch["image"])
             count += len(sample_batch["image"])
             if count >= max_images:
@@ -189,14 +198,3 @@ def heldout_loss(
     if count == 0:
         raise DDMError(f"{cfg.name}: the held-out split is empty; prepare with --heldout > 0")
     return total / count
-
-
-def _finite_batches(cfg: TrainConfig, store: Store, manifest: DatasetManifest, cluster: int):
-    buf = []
-    for sample in clusters_dataset(store, [cluster], "heldout", manifest=manifest):
-        buf.append(sample)
-        if len(buf) == cfg.batch_size:
-            yield _collate(buf)
-            buf = []
-    if buf:
-        yield _collate(buf)
