@@ -48,7 +48,7 @@ class LocalExperts:
                 )
             self.router_net = net.to(self.device)
         self.features = FeatureSpace.load(self.store, self.manifest)
-        self.calls = [0] * K  # predict calls per expert over this object's life (a run's own are in SampleResult)
+        self.calls = [0] * K  # predict calls per expert, cumulative (a run's own: SampleResult)
 
     def _has(self, prefix: str) -> bool:
         return self.store.exists(f"{prefix}/{MANIFEST_FILE}")
