@@ -12,6 +12,7 @@ import typer
 
 from cluster_jobs.train_commands import COMMANDS
 from cluster_jobs.user_errors import user_errors
+from ddm_nodes.errors import DDMError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -224,8 +225,13 @@ def jobs(
 @app.command("sample")
 @user_errors
 def sample_command(
-    store: Annotated[str, typer.Option(help="store URI with trained experts (and router)")],
     out: Annotated[str, typer.Option(help="PNG image grid to write")],
+    store: Annotated[
+        str | None, typer.Option(help="store URI with trained experts: sample in-process")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="a running `ddm serve`, e.g. http://127.0.0.1:8000")
+    ] = None,
     strategy: Annotated[
         str, typer.Option(help="full | uniform | top-K | threshold-T | nearest-centroid[-K]")
     ] = "top-2",
@@ -236,21 +242,40 @@ def sample_command(
     label: Annotated[str | None, typer.Option(help="class name or id (conditional)")] = None,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 1.0,
     npy: Annotated[str | None, typer.Option(help="also write the raw (N,C,H,W) array")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu | cuda (in-process)")] = "cpu",
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DDM_API_KEY", help="bearer key of the service (--url)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
-    """Sample images in-process with per-step routing; prints how often each expert ran."""
-    from cluster_jobs.sampling import grid_png, npy_bytes, run_sample, write_atomic
-    from router_service.local_experts import LocalExperts
+    """Sample images with per-step routing, in-process (--store) or from a running service
+    (--url); the same request either way. Prints how often each expert ran."""
+    from cluster_jobs.sampling import (
+        grid_png,
+        run_remote_sample,
+        run_sample,
+        sample_request,
+        write_atomic,
+    )
+    from ddm_nodes.pixels import npy_bytes
 
-    experts = LocalExperts(store, device=device)
-    run = run_sample(experts, strategy, n, steps, solver, seed, label, guidance)
+    if (store is None) == (url is None):
+        raise DDMError("give exactly one of --store (in-process) and --url (a running service)")
+    if url is not None:
+        request = sample_request(strategy, n, steps, solver, seed, label, guidance)
+        run = run_remote_sample(url, request, api_key)
+    else:
+        from router_service.local_experts import LocalExperts
+
+        experts = LocalExperts(store, device=device)
+        run = run_sample(experts, strategy, n, steps, solver, seed, label, guidance)
     write_atomic(out, grid_png(run.images))
     if npy:
         write_atomic(npy, npy_bytes(run.images))
     summary = {
         "out": out,
         "npy": npy,
+        "backend": url or "in-process",
         "strategy": strategy,
         "n": n,
         "steps": steps,
@@ -259,6 +284,8 @@ def sample_command(
         "expert_calls": run.expert_calls,
         "experts_per_step": round(run.experts_per_step, 3),
         "seconds": round(run.seconds, 2),
+        "degraded": run.degraded,
+        "missing_experts": run.missing_experts,
     }
     if as_json:
         print(json.dumps(summary))
@@ -269,6 +296,50 @@ def sample_command(
         f"{run.experts_per_step:.2f} experts per sample per step\ncalls  {calls}\nwrote {out}"
         + (f" and {npy}" if npy else "")
     )
+
+
+@app.command("serve")
+@user_errors
+def serve_command(
+    store: Annotated[str, typer.Option(help="store URI with trained experts (and router)")],
+    host: Annotated[str, typer.Option(help="address the HTTP proxy binds")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    replicas: Annotated[int, typer.Option(help="replicas per expert deployment")] = 1,
+    strategy: Annotated[str, typer.Option(help="default routing strategy")] = "top-2",
+    max_batch: Annotated[int, typer.Option(help="most samples per expert forward")] = 64,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DDM_API_KEY", help="require this bearer key on /v1/*")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda: where experts run")] = "cpu",
+    config: Annotated[
+        str | None, typer.Option(help="JSON file of further app arguments (AppArgs fields)")
+    ] = None,
+) -> None:
+    """Serve the DDM over HTTP with Ray Serve: a router ingress and one deployment per
+    expert; runs in the foreground until Ctrl-C."""
+    from pathlib import Path
+
+    from cluster_jobs.serving import serve_forever
+    from router_service.app_config import AppArgs
+
+    extra = {}
+    if config is not None:
+        try:
+            extra = json.loads(Path(config).read_text())
+        except (OSError, ValueError) as e:
+            raise DDMError(f"--config {config}: {e}") from None
+    args = AppArgs.model_validate(
+        {
+            **extra,
+            "store": store,
+            "replicas": replicas,
+            "default_strategy": strategy,
+            "max_batch": max_batch,
+            "api_key": api_key,
+            "device": device,
+        }
+    )
+    serve_forever(args, host, port)
 
 
 def _print_cluster_table(summary: dict[str, Any]) -> None:

@@ -1,41 +1,29 @@
-"""`ddm sample`: in-process DDM sampling from a store's verified experts and router,
-through the one sampler (router_service.sampler), to an image grid and raw arrays."""
+"""`ddm sample`: DDM sampling through the one sampler (router_service.sampler), either
+in-process from a store's verified experts and router, or from a running `ddm serve`
+(`--url`), to an image grid and raw arrays. Both take the same request body."""
 
 from __future__ import annotations
 
-import io
+import asyncio
+import base64
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
-from PIL import Image
 
-from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
-from ddm_nodes.pixels import to_uint8
+from ddm_nodes.pixels import from_npy, png_bytes, to_uint8
 from ddm_nodes.store import LocalStore
+from router_service.engine import plan, run
 from router_service.local_experts import LocalExperts
-from router_service.policies import get_policy
-from router_service.sampler import initial_noise, sample, time_grid
+from router_service.schemas import Limits, SampleRequest, SampleResponse, parse
 
-
-def resolve_label(manifest: DatasetManifest, label: str | None) -> int | None:
-    """A class name (case-insensitive) or id -> id; None stays None (unconditional)."""
-    if label is None:
-        return None
-    names = manifest.class_names
-    if names is None:
-        raise DDMError(f"--label {label!r}: the data set {manifest.source} has no labels")
-    if label.lstrip("-").isdigit() and 0 <= int(label) < len(names):
-        return int(label)
-    by_name = {n.lower(): i for i, n in enumerate(names)}
-    if label.strip().lower() in by_name:
-        return by_name[label.strip().lower()]
-    raise DDMError(f"--label {label!r} is unknown; use an id 0..{len(names) - 1} or one of {names}")
+CLI_LIMITS = Limits(max_n=4096, max_steps=1000)
 
 
 @dataclass
@@ -44,6 +32,26 @@ class SampleRun:
     expert_calls: list[int]
     experts_per_step: float
     seconds: float
+    degraded: bool = False
+    missing_experts: list[str] = field(default_factory=list)
+
+
+def sample_request(
+    strategy: str,
+    n: int,
+    steps: int,
+    solver: str = "euler",
+    seed: int = 0,
+    label: str | None = None,
+    guidance: float = 1.0,
+    temperature: float | None = None,
+) -> SampleRequest:
+    """The CLI's options as the request body both backends take (strict: bad input exits 2)."""
+    body = dict(strategy=strategy, n=n, steps=steps, solver=solver, seed=seed, label=label)
+    body.update(guidance=float(guidance), temperature=temperature, format="npy")
+    request = parse(SampleRequest, body)
+    CLI_LIMITS.check(request.n, request.steps, "--n", "--steps")
+    return request
 
 
 def run_sample(
@@ -57,33 +65,47 @@ def run_sample(
     guidance: float = 1.0,
     temperature: float | None = None,
 ) -> SampleRun:
-    if not 1 <= n <= 4096:
-        raise DDMError(f"--n {n} is out of range: use 1..4096")
-    if not 1 <= steps <= 1000:
-        raise DDMError(f"--steps {steps} is out of range: use 1..1000")
-    try:
-        policy = get_policy(strategy, temperature=temperature)
-    except ValueError as e:
-        raise DDMError(str(e)) from e
-    label_id = resolve_label(experts.manifest, label)
-    if guidance != 1.0 and label_id is None:
-        raise DDMError("--guidance needs --label (classifier-free guidance is per class)")
-    labels = None if label_id is None else torch.full((n,), label_id, dtype=torch.long)
-    x_T = initial_noise(n, experts.image_shape, seed)
+    """In-process: the store's experts as local modules."""
+    request = sample_request(strategy, n, steps, solver, seed, label, guidance, temperature)
+    p = plan(request, experts, experts.num_experts, CLI_LIMITS)
     start = time.perf_counter()
-    result = sample(
-        experts,
-        experts.router,
-        policy,
-        x_T,
-        time_grid(steps),
-        solver,
-        labels=labels,
-        guidance=guidance,
-        features=experts.features,
-    )
+    result = asyncio.run(run(p, experts, experts))
     return SampleRun(
         result.images, result.expert_calls, result.experts_per_step, time.perf_counter() - start
+    )
+
+
+def run_remote_sample(
+    url: str, request: SampleRequest, api_key: str | None = None, timeout_s: float = 600
+) -> SampleRun:
+    """Through a running `ddm serve`: POST /v1/samples, the images as one npy array."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    start = time.perf_counter()
+    try:
+        reply = httpx.post(
+            f"{url.rstrip('/')}/v1/samples",
+            content=request.model_dump_json(),
+            headers={"Content-Type": "application/json", **headers},
+            timeout=timeout_s,
+        )
+    except httpx.HTTPError as e:
+        raise DDMError(f"cannot reach {url}: {e}; is `ddm serve` running there?") from None
+    if reply.status_code != 200:
+        try:
+            message = reply.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = reply.text[:300]
+        raise DDMError(f"{url} answered {reply.status_code}: {message}")
+    body = SampleResponse.model_validate_json(reply.content)
+    images = from_npy(base64.b64decode(body.npy))
+    calls = [body.usage.expert_calls[k] for k in sorted(body.usage.expert_calls)]
+    return SampleRun(
+        images,
+        calls,
+        body.usage.experts_per_step,
+        time.perf_counter() - start,
+        body.degraded,
+        body.missing_experts,
     )
 
 
@@ -101,18 +123,10 @@ def grid_png(images: torch.Tensor, columns: int | None = None) -> bytes:
             pad + r * (h + pad) : pad + r * (h + pad) + h,
             pad + q * (w + pad) : pad + q * (w + pad) + w,
         ] = im
-    buf = io.BytesIO()
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(canvas)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Through the store's atomic put (temp name, then rename): no reader sees half a file."""
     path = Path(path).expanduser().resolve()
     LocalStore(path.parent).put_bytes(path.name, data)
-
-
-def npy_bytes(images: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, images.detach().cpu().numpy().astype(np.float32))
-    return buf.getvalue()

@@ -6,8 +6,11 @@ Stored: uint8 (N, H, W, C) in [0, 255]. Models, features and samplers: float32
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
+from PIL import Image
 
 
 def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -23,3 +26,30 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), clipping what overshoots."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.movedim(-3, -1).cpu().numpy()
+
+
+# --- file encodings of model-range images: one PNG each, or one .npy array ----------------
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """uint8 (H, W, C) -> PNG (grey when C == 1)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pngs(images: torch.Tensor) -> list[bytes]:
+    """float (N, C, H, W) in [-1, 1] -> one PNG per image."""
+    return [png_bytes(im) for im in to_uint8(images)]
+
+
+def npy_bytes(images: torch.Tensor) -> bytes:
+    """float (N, C, H, W) -> .npy float32, exactly the values (no clipping, no rounding)."""
+    buf = io.BytesIO()
+    np.save(buf, images.detach().cpu().numpy().astype(np.float32))
+    return buf.getvalue()
+
+
+def from_npy(data: bytes) -> torch.Tensor:
+    """.npy bytes -> tensor; object arrays are refused (nothing is unpickled)."""
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))

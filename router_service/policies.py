@@ -181,16 +181,29 @@ class Policy:
         probs: torch.Tensor | None = None,
         distances: torch.Tensor | None = None,
         clusters: torch.Tensor | None = None,
+        available: torch.Tensor | None = None,
     ) -> RoutingDecision:
         """The decision for `num_samples` samples over experts 0..num_experts-1, from the
-        input this policy needs: probs (N, K), distances (N, K) or clusters (N,)."""
-        if self.k is not None and self.k > num_experts:
-            raise RoutingError(
-                f"policy {self.name!r} selects {self.k} experts but there are only "
-                f"{num_experts}; valid forms: {valid_forms(num_experts)}"
-            )
+        input this policy needs: probs (N, K), distances (N, K) or clusters (N,).
+
+        `available` (K,) bool leaves experts out (an expert with no live replica): router
+        probabilities are renormalised over the available experts and distances of the
+        others become infinite before the policy runs, so `full` drops the missing experts
+        and renormalises, and top-K / nearest-centroid-K take the K best available ones
+        (K capped at how many are available)."""
+        self.check_experts(num_experts)
+        k = self.k
+        if available is not None:
+            _check_shape(available, (num_experts,), "available")
+            live = int(available.sum())
+            if live == 0:
+                raise RoutingError("no expert is available to route to")
+            k = None if k is None else min(k, live)
         if self.needs is None:
-            return uniform(num_samples, num_experts)
+            if available is None:
+                return uniform(num_samples, num_experts)
+            ids = available.nonzero().squeeze(1).expand(num_samples, -1).contiguous()
+            return RoutingDecision(ids, torch.full(ids.shape, 1.0 / ids.shape[1]))
         given = {"router": probs, "features": distances, "oracle": clusters}[self.needs]
         what = {"router": "router probabilities", "features": "centroid distances"}
         if given is None:
@@ -204,15 +217,30 @@ class Policy:
                     f"oracle clusters must lie in 0..{num_experts - 1}, got "
                     f"{sorted(set(given.tolist()))}"
                 )
+            if available is not None and not bool(available[given.long()].all()):
+                raise RoutingError("the oracle policy cannot route around a missing expert")
             return oracle(given)
         _check_shape(given, (num_samples, num_experts), what[self.needs])
+        if available is not None and self.needs == "router":
+            given = given * available
+            given = given / given.sum(dim=1, keepdim=True).clamp_min(torch.finfo(given.dtype).tiny)
+        elif available is not None:
+            given = torch.where(available, given.float(), math.inf)
         if self.kind == "full":
             return full(given)
         if self.kind == "top":
-            return top_k(given, self.k)
+            return top_k(given, k)
         if self.kind == "threshold":
             return threshold(given, self.tau)
-        return nearest_centroid(given, self.k, self.temperature)
+        return nearest_centroid(given, k, self.temperature)
+
+    def check_experts(self, num_experts: int) -> None:
+        """RoutingError when this policy selects more experts than there are."""
+        if self.k is not None and self.k > num_experts:
+            raise RoutingError(
+                f"policy {self.name!r} selects {self.k} experts but there are only "
+                f"{num_experts}; valid forms: {valid_forms(num_experts)}"
+            )
 
 
 def _check_shape(x: torch.Tensor, shape: tuple[int, ...], what: str) -> None:

@@ -23,6 +23,14 @@ core (the Serve router awaits it); `sample` runs it in a fresh event loop for in
 use. Sync backends are called one after another inside the gather (no threads), so results
 are deterministic: the same x_T, policy, grid and weights give the same images every run.
 
+An expert backend raises `ExpertUnavailable` when no replica of an expert answers. With
+`on_unavailable="fail"` (default) the run stops with it; with "renormalize" the expert is
+left out for the rest of the run (`Policy.select(available=...)`: weights renormalised
+over the others), the evaluation is routed again, and `SampleResult.missing_experts` names
+it. `on_evaluation` receives an `EvaluationStats` after every routed evaluation: how many
+samples each expert got, the selected experts' disagreement (disagreement.py) and timings;
+the Serve router turns these into metrics.
+
 nearest-centroid embeds the denoised estimate x̂_0 = flow.denoised(x, t, v) = x - t v,
 with v the merged velocity of the previous evaluation. The first evaluation has no velocity
 yet, so it routes `uniform`ly over all experts.
@@ -33,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -41,16 +50,27 @@ import torch
 
 from ddm_nodes import flow
 from ddm_nodes.dataset_manifest import NULL_LABEL
+from ddm_nodes.errors import DDMError
+from router_service.disagreement import angular_deviation
 from router_service.policies import (
     Policy,
     RoutingDecision,
     RoutingError,
     get_policy,
-    uniform,
 )
 
 Solver = Literal["euler", "heun"]
+OnUnavailable = Literal["fail", "renormalize"]
 Velocity = Callable[[torch.Tensor, float, int], Awaitable[torch.Tensor]]
+
+
+class ExpertUnavailable(DDMError):
+    """No live replica of an expert answered (the Serve backend raises it)."""
+
+    def __init__(self, expert_id: int, reason: str):
+        super().__init__(f"expert-{expert_id:03d} is unavailable: {reason}")
+        self.expert_id = expert_id
+        self.reason = reason
 
 
 class Experts(Protocol):
@@ -140,12 +160,26 @@ class StepTrace:
 
 
 @dataclass(frozen=True)
+class EvaluationStats:
+    """What one routed evaluation did, for metrics (`on_evaluation`)."""
+
+    step: int
+    t: float
+    routed: list[int]  # samples sent to each expert id (length K)
+    disagreement: float  # mean angular deviation (degrees) over samples with >= 2 experts; NaN
+    seconds: float  # the whole evaluation: route, dispatch, merge
+    expert_seconds: dict[int, float]  # each called expert's call latency as awaited here
+
+
+@dataclass(frozen=True)
 class SampleResult:
     final: torch.Tensor  # (N, C, H, W) the ODE state at the grid's last time, unclipped
     expert_calls: list[int]  # predict calls per expert id during this run
     evaluations: int  # routed velocity evaluations
     experts_per_step: float  # mean over evaluations and samples of experts selected
     trace: list[StepTrace] | None = None
+    missing_experts: list[int] = field(default_factory=list)  # left out ("renormalize")
+    disagreement: list[float] = field(default_factory=list)  # per evaluation, NaN: none
 
     @property
     def images(self) -> torch.Tensor:
@@ -173,8 +207,12 @@ class _RoutedVelocity:
     guidance: float
     trace: list[StepTrace] | None
     trace_all_experts: bool
+    on_unavailable: OnUnavailable = "fail"
+    on_evaluation: Callable[[EvaluationStats], None] | None = None
     calls: list[int] = field(default_factory=list)
     selected: list[float] = field(default_factory=list)
+    disagreement: list[float] = field(default_factory=list)
+    missing: set[int] = field(default_factory=set)
     previous: torch.Tensor | None = None  # the last merged velocity (nearest-centroid)
 
     @property
@@ -182,39 +220,59 @@ class _RoutedVelocity:
         return len(self.calls)
 
     async def __call__(self, x: torch.Tensor, t_value: float, step: int) -> torch.Tensor:
+        start = time.perf_counter()
         n, K = x.shape[0], self.num_experts
         t = torch.full((n,), t_value, dtype=x.dtype, device=x.device)
-        probs = distances = None
-        if self.router is not None and (self.policy.needs == "router" or self.trace is not None):
-            with torch.no_grad():
-                logits = self.router(x, t)
-            probs = torch.softmax((await _resolve(logits)).float(), dim=-1).cpu()
-        if self.policy.needs == "features" and self.previous is None:
-            decision = uniform(n, K)  # no velocity yet, so no x̂_0 to embed
-        else:
-            if self.policy.needs == "features":
-                x0_hat = flow.denoised(x, t, self.previous)
-                distances = self.features.distances(x0_hat).float().cpu()
-            clusters = None if self.clusters is None else self.clusters.cpu()
-            decision = self.policy.select(n, K, probs=probs, distances=distances, clusters=clusters)
+        while True:  # once, or again after an expert was found missing ("renormalize")
+            probs, distances, decision = await self._route(x, t)
+            everyone = self.trace_all_experts
+            ids = list(range(K)) if everyone else decision.experts()
+            rows = {k: decision.rows(k).to(x.device) for k in ids}
+            timed = await asyncio.gather(
+                *(self._timed(k, x, t, None if everyone else rows[k]) for k in ids),
+                return_exceptions=True,
+            )
+            failed = [r for r in timed if isinstance(r, ExpertUnavailable)]
+            for r in timed:
+                if isinstance(r, BaseException) and not isinstance(r, ExpertUnavailable):
+                    raise r
+            if not failed:
+                break
+            self.missing.update(e.expert_id for e in failed)
+            if self.on_unavailable == "fail" or len(self.missing) >= K:
+                raise failed[0]
+        outputs = [v for v, _ in timed]
 
-        everyone = self.trace_all_experts
-        ids = list(range(K)) if everyone else decision.experts()
-        rows = {k: decision.rows(k).to(x.device) for k in ids}
-        outputs = await asyncio.gather(
-            *(self._predict(k, x, t, None if everyone else rows[k]) for k in ids)
-        )
         dense = decision.dense(K).to(x.device, x.dtype)  # (N, K)
         velocity = torch.zeros_like(x)
+        chosen = []  # (rows, v) of the selected experts, for their disagreement
         for k, v in zip(ids, outputs, strict=True):  # ascending k: a fixed summation order
             r = rows[k]
             if everyone:
                 v = v[r]  # traced experts that no sample selected add nothing
+            chosen.append((r.cpu(), v.cpu()))
             w = dense[r, k].reshape(-1, *[1] * (x.ndim - 1))
             velocity[r] += w * v.to(x.dtype)
 
         self.previous = velocity
         self.selected.append(float(decision.counts().float().mean()))
+        per_sample = angular_deviation(chosen, n)
+        defined = per_sample[~per_sample.isnan()]
+        self.disagreement.append(float(defined.mean()) if len(defined) else math.nan)
+        if self.on_evaluation is not None:
+            routed = [0] * K
+            for k, (r, _) in zip(ids, chosen, strict=True):
+                routed[k] = len(r)
+            self.on_evaluation(
+                EvaluationStats(
+                    step=step,
+                    t=t_value,
+                    routed=routed,
+                    disagreement=self.disagreement[-1],
+                    seconds=time.perf_counter() - start,
+                    expert_seconds={k: s for k, (_, s) in zip(ids, timed, strict=True)},
+                )
+            )
         if self.trace is not None:
             self.trace.append(
                 StepTrace(
@@ -229,6 +287,39 @@ class _RoutedVelocity:
                 )
             )
         return velocity
+
+    async def _route(self, x: torch.Tensor, t: torch.Tensor):
+        """(router probabilities, centroid distances, RoutingDecision) for this state."""
+        n, K = x.shape[0], self.num_experts
+        probs = distances = None
+        probs = distances = None
+        if self.router is not None and (self.policy.needs == "router" or self.trace is not None):
+            with torch.no_grad():
+                logits = self.router(x, t)
+            probs = torch.softmax((await _resolve(logits)).float(), dim=-1).cpu()
+        available = None
+        if self.missing:
+            available = torch.ones(K, dtype=torch.bool)
+            available[sorted(self.missing)] = False
+        if self.policy.needs == "features" and self.previous is None:
+            # no velocity yet, so no x̂_0 to embed
+            decision = get_policy("uniform").select(n, K, available=available)
+        else:
+            if self.policy.needs == "features":
+                x0_hat = flow.denoised(x, t, self.previous)
+                distances = self.features.distances(x0_hat).float().cpu()
+            clusters = None if self.clusters is None else self.clusters.cpu()
+            decision = self.policy.select(
+                n, K, probs=probs, distances=distances, clusters=clusters, available=available
+            )
+        return probs, distances, decision
+
+    async def _timed(
+        self, k: int, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        v = await self._predict(k, x, t, rows)
+        return v, time.perf_counter() - start
 
     async def _predict(
         self, k: int, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None
@@ -272,6 +363,8 @@ async def sample_async(
     clusters: torch.Tensor | None = None,
     trace: bool = False,
     trace_all_experts: bool = False,
+    on_unavailable: OnUnavailable = "fail",
+    on_evaluation: Callable[[EvaluationStats], None] | None = None,
 ) -> SampleResult:
     """Integrate dx/dt = v from x_T at time_grid[0] to time_grid[-1], routing every
     velocity evaluation through `policy`.
@@ -291,6 +384,9 @@ async def sample_async(
               on the whole batch at every evaluation (K calls instead of the selected
               ones) and the merge uses those same predictions, so the trajectory matches an
               untraced run within float tolerance (batches are composed differently)
+    on_unavailable  "fail": an ExpertUnavailable from the backend ends the run;
+              "renormalize": that expert is left out from then on (see the module doc)
+    on_evaluation   called with an EvaluationStats after every routed evaluation
     """
     if isinstance(policy, str):
         policy = get_policy(policy)
@@ -316,6 +412,9 @@ async def sample_async(
         raise ValueError(f"guidance must be a finite number, got {guidance}")
     if guidance != 1 and labels is None:
         raise ValueError(f"guidance {guidance} needs labels: guidance compares them to null")
+    if on_unavailable not in ("fail", "renormalize"):
+        raise ValueError(f"on_unavailable must be 'fail' or 'renormalize', got {on_unavailable!r}")
+    policy.check_experts(num_experts)
 
     velocity = _RoutedVelocity(
         experts=experts,
@@ -327,6 +426,8 @@ async def sample_async(
         guidance=float(guidance),
         trace=[] if (trace or trace_all_experts) else None,
         trace_all_experts=trace_all_experts,
+        on_unavailable=on_unavailable,
+        on_evaluation=on_evaluation,
         calls=[0] * num_experts,
     )
     final = await SOLVERS[solver](velocity, x_T, grid)
@@ -336,6 +437,8 @@ async def sample_async(
         evaluations=len(velocity.selected),
         experts_per_step=sum(velocity.selected) / len(velocity.selected),
         trace=velocity.trace,
+        missing_experts=sorted(velocity.missing),
+        disagreement=velocity.disagreement,
     )
 
 

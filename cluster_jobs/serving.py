@@ -1,0 +1,95 @@
+"""`ddm serve`: the Serve application (router + one deployment per expert) on a Ray cluster,
+in the foreground until Ctrl-C or SIGTERM, which delete the application again.
+
+Ray: the head `ddm cluster up` started when there is one (its token auth is picked up),
+else the cluster in RAY_ADDRESS (host:port of a GCS), else a local Ray inside this
+process, bound to 127.0.0.1. Serve's HTTP proxy binds `--host` (default 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import urllib.request
+
+from ddm_nodes.errors import DDMError
+from router_service.app_config import AppArgs
+
+READY_TIMEOUT_S = 600
+
+
+def connect_ray() -> bool:
+    """Join the cluster (see the module docstring); True when a local Ray was started."""
+    import ray
+
+    from cluster_jobs.local_cluster import use_local_cluster_auth
+
+    if ray.is_initialized():
+        return False
+    info = use_local_cluster_auth()
+    env_address = os.environ.get("RAY_ADDRESS", "")
+    if info is not None:
+        address = info.gcs_address
+    elif env_address and not env_address.startswith("http"):
+        address = env_address
+    else:
+        address = None
+    os.environ.pop("RAY_ADDRESS", None)  # a dashboard URL there would confuse ray.init
+    if address is not None:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        return False
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    return True
+
+
+def _wait_ready(url: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise DDMError(f"the service at {url} did not become ready within {READY_TIMEOUT_S} s")
+
+
+def serve_forever(args: AppArgs, host: str, port: int) -> None:
+    from ray import serve
+
+    from router_service.app import APP_NAME, build_app
+
+    app = build_app(args)  # checks the store before anything starts
+    started_ray = connect_ray()
+    url = f"http://{host}:{port}"
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # SIGTERM cleans up like Ctrl-C
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        _wait_ready(url, time.monotonic() + READY_TIMEOUT_S)
+        print(f"serving {args.store} at {url} (Ctrl-C stops it)", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping the ddm application", file=sys.stderr, flush=True)
+        try:
+            serve.delete(APP_NAME)
+            if started_ray:
+                serve.shutdown()
+        finally:
+            import ray
+
+            ray.shutdown()

@@ -1,0 +1,40 @@
+"""The Serve application: `build_app(args)` binds one ExpertServer deployment per expert
+of the store and the RouterServer ingress over their handles.
+
+    ddm serve --store demo-out/store                       # what most users run
+    serve run router_service.app:build_app store=/abs/store replicas=2
+    serve run infra/serve/ddm.yaml                          # the Serve config file
+
+The store is checked before anything is deployed (dataset manifest, one trained expert
+per cluster), so a wrong path fails here with a message, not later inside a replica.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ray.serve import Application
+
+from ddm_nodes.dataset_manifest import DatasetManifest
+from ddm_nodes.store import open_store
+from router_service.app_config import AppArgs
+from router_service.deployments import ExpertServer, RouterServer
+from router_service.store_models import check_experts_present
+
+APP_NAME = "ddm"
+
+
+def build_app(args: dict | AppArgs) -> Application:
+    cfg = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    if "://" not in cfg.store:  # replicas may start in another working directory
+        cfg = cfg.model_copy(update={"store": os.path.abspath(os.path.expanduser(cfg.store))})
+    store = open_store(cfg.store)
+    manifest = DatasetManifest.load(store)
+    check_experts_present(store, manifest)
+    experts = [
+        ExpertServer.options(**cfg.expert_options(k)).bind(
+            cfg.store, k, cfg.device, cfg.torch_threads
+        )
+        for k in range(manifest.num_clusters)
+    ]
+    return RouterServer.options(**cfg.router_options()).bind(cfg.model_dump(), experts)

@@ -1,0 +1,117 @@
+"""The typed arguments of the Serve application, shared by `ddm serve`, `serve run
+router_service.app:build_app key=value ...` and the Serve config YAML under infra/serve/.
+
+Lax on types (Serve passes `key=value` command-line args as strings) but strict on names:
+an unknown argument is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from router_service.policies import get_policy
+from router_service.schemas import Limits
+
+
+class Autoscaling(BaseModel):
+    """Serve autoscaling for every expert deployment (replaces `replicas`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0, description="per replica")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("autoscaling.max_replicas must be >= min_replicas")
+        return self
+
+
+class BatchConfig(BaseModel):
+    """An expert replica's `@serve.batch` settings: its `user_config`, so `serve deploy`
+    with new values reconfigures running replicas without restarting them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch: int = Field(64, ge=1, le=65536, description="most samples per forward pass")
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0, le=10, description="how long a forward waits to fill its batch"
+    )
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field(description="store URI with a prepared data set and trained experts")
+    replicas: int = Field(1, ge=1, le=64, description="replicas per expert deployment")
+    expert_replicas: dict[int, int] = Field(
+        default_factory=dict, description="per-expert replica counts overriding `replicas`"
+    )
+    autoscaling: Autoscaling | None = Field(None, description="autoscale experts instead")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where experts run")
+    expert_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs per expert replica")
+    expert_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per expert replica")
+    router_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs of the router replica")
+    torch_threads: int = Field(1, ge=1, le=256, description="torch threads per replica")
+    max_batch: int = BatchConfig.model_fields["max_batch"]
+    batch_wait_timeout_s: float = BatchConfig.model_fields["batch_wait_timeout_s"]
+    expert_max_ongoing_requests: int = Field(
+        64, ge=1, description="concurrent calls a replica accepts (batching needs several)"
+    )
+    default_strategy: str = Field("top-2", description="strategy when a request names none")
+    limits: Limits = Field(default_factory=Limits)
+    max_concurrent_requests: int = Field(8, ge=1, description="requests sampling at once")
+    max_queued_requests: int = Field(32, ge=0, description="requests waiting; beyond: 503")
+    expert_timeout_s: float = Field(30, gt=0, description="no answer by then: unavailable")
+    expert_retries: int = Field(2, ge=0, le=10, description="retries after a replica died")
+    expert_down_for_s: float = Field(5, ge=0, description="how long an expert stays down")
+    health_check_period_s: float = Field(10, gt=0, description="Serve replica health checks")
+    api_key: str | None = Field(
+        None, min_length=8, description="bearer key for /v1/* (default: $DDM_API_KEY)"
+    )
+
+    @model_validator(mode="after")
+    def _defaults_from_env(self) -> AppArgs:
+        get_policy(self.default_strategy)  # a RoutingError (a ValueError) names the forms
+        if self.api_key is None and os.environ.get("DDM_API_KEY"):
+            self.api_key = os.environ["DDM_API_KEY"]
+        if self.device == "cuda" and self.expert_num_gpus == 0:
+            self.expert_num_gpus = 1.0
+        return self
+
+    @property
+    def batch(self) -> BatchConfig:
+        return BatchConfig(max_batch=self.max_batch, batch_wait_timeout_s=self.batch_wait_timeout_s)
+
+    def expert_options(self, k: int) -> dict:
+        """Serve deployment options of expert k's deployment."""
+        options = {
+            "name": f"expert-{k:03d}",
+            "ray_actor_options": {
+                "num_cpus": self.expert_num_cpus,
+                "num_gpus": self.expert_num_gpus,
+            },
+            "user_config": self.batch.model_dump(),
+            "max_ongoing_requests": self.expert_max_ongoing_requests,
+            "health_check_period_s": self.health_check_period_s,
+        }
+        if self.autoscaling is not None and k not in self.expert_replicas:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            options["num_replicas"] = self.expert_replicas.get(k, self.replicas)
+        return options
+
+    def router_options(self) -> dict:
+        return {
+            "name": "router",
+            "num_replicas": 1,
+            "ray_actor_options": {"num_cpus": self.router_num_cpus},
+            # admitted + queued + room for health probes; Admission answers 503 beyond it
+            "max_ongoing_requests": self.max_concurrent_requests + self.max_queued_requests + 16,
+            "health_check_period_s": self.health_check_period_s,
+        }

@@ -1,0 +1,127 @@
+"""The Ray Serve deployments: one `ExpertServer` deployment per expert (`expert-003`,
+its own replicas, `@serve.batch` across requests) and the `RouterServer` ingress (the
+FastAPI app of http_api.py) that owns the router network and the policies, and fans out
+to the experts through the DeploymentHandles it was bound with. app.py builds the graph.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import torch
+from ray import serve
+
+from ddm_nodes.dataset_manifest import DatasetManifest
+from ddm_nodes.store import open_store
+from router_service import batching
+from router_service.app_config import AppArgs, BatchConfig
+from router_service.http_api import make_api
+from router_service.metrics import ExpertMetrics, RouterMetrics
+from router_service.remote_experts import RemoteExperts
+from router_service.service import Admission, SamplingService
+from router_service.store_models import StoreModels, load_expert
+
+_initial = BatchConfig()
+
+
+@serve.deployment
+class ExpertServer:
+    """Expert k, loaded hash-verified from the store, answering batched predict calls."""
+
+    def __init__(self, store: str, expert_id: int, device: str, torch_threads: int):
+        torch.set_num_threads(torch_threads)
+        s = open_store(store)
+        self.k = expert_id
+        self.device = torch.device(device)
+        self.expert = load_expert(s, DatasetManifest.load(s), expert_id, self.device)
+        self.metrics = ExpertMetrics()
+        self.max_batch = _initial.max_batch
+
+    def reconfigure(self, config: dict) -> None:
+        """`user_config` (BatchConfig): applied at start and on every `serve deploy`."""
+        cfg = BatchConfig.model_validate(config)
+        self.max_batch = cfg.max_batch
+        self.forward.set_max_batch_size(cfg.max_batch)
+        self.forward.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    async def predict(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        """v (n, C, H, W) for one sub-batch; larger than a batch, it goes in pieces."""
+        parts = batching.chunks((x, t, y), self.max_batch)
+        outs = await asyncio.gather(*(self.forward(p) for p in parts))
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    @serve.batch(
+        max_batch_size=_initial.max_batch,
+        batch_wait_timeout_s=_initial.batch_wait_timeout_s,
+        batch_size_fn=batching.samples_in,
+    )
+    async def forward(self, items: list[batching.SubBatch]) -> list[np.ndarray]:
+        start = time.perf_counter()
+        x, t, y, sizes = batching.stack(items)
+        dev = self.device
+        with torch.no_grad():
+            v = self.expert(*(torch.from_numpy(a).to(dev) for a in (x, t, y)))
+        out = batching.split(v.float().cpu().numpy(), sizes)
+        self.metrics.batch(self.k, len(x), len(items), time.perf_counter() - start)
+        return out
+
+
+_service: SamplingService | None = None  # this replica's; set by RouterServer.__init__
+
+
+def current_service() -> SamplingService:
+    """The replica's service. Serve ships the FastAPI app and the deployment class to the
+    replica by value (with copies of their globals), so both reach the one service through
+    module functions, which are pickled by reference: this one and `install_service`."""
+    if _service is None:
+        raise RuntimeError("the router replica has not finished starting")
+    return _service
+
+
+def install_service(service: SamplingService) -> None:
+    global _service
+    _service = service
+
+
+api = make_api(current_service)
+
+
+@serve.deployment
+@serve.ingress(api)
+class RouterServer:
+    """The HTTP ingress: routes every step and fans out to the expert deployments."""
+
+    def __init__(self, args: dict, experts: list):
+        cfg = AppArgs.model_validate(args)
+        torch.set_num_threads(cfg.torch_threads)
+        metrics = RouterMetrics()
+        remote = RemoteExperts(
+            experts, cfg.expert_timeout_s, cfg.expert_retries, cfg.expert_down_for_s, metrics
+        )
+        self.app_name = serve.get_replica_context().app_name
+        self._counts: tuple[float, dict[str, int]] = (0.0, {})
+        install_service(
+            SamplingService(
+                StoreModels(cfg.store),
+                remote,
+                cfg.limits,
+                Admission(cfg.max_concurrent_requests, cfg.max_queued_requests),
+                metrics,
+                cfg.api_key,
+                self.replica_counts,
+                default_strategy=cfg.default_strategy,
+            )
+        )
+
+    async def replica_counts(self) -> dict[str, int]:
+        """RUNNING replicas per deployment of this app, from the controller (cached 1 s)."""
+        at, counts = self._counts
+        if time.monotonic() - at > 1.0:
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications.get(self.app_name)
+            deployments = app.deployments if app is not None else {}
+            counts = {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
+            self._counts = (time.monotonic(), counts)
+        return counts

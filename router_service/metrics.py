@@ -1,0 +1,149 @@
+"""Prometheus metrics of the serving path, through Ray's metrics exporter.
+
+Every Serve replica is a Ray worker process; `ray.util.metrics` objects created in it are
+exported by the node's metrics agent at the head's metrics export port (names get Ray's
+`ray_` prefix, counters a `_total` suffix), beside Ray Serve's own `ray_serve_*` series, so
+one Prometheus scrape target covers the router and every expert replica. Outside Ray the
+same objects are inert, so the service runs unchanged in unit tests.
+
+Router (`RouterMetrics`): requests by route, strategy and status; request latency; per
+evaluation latency; expert calls and their latency by expert and outcome; samples routed
+to each expert by step bucket; selected-expert disagreement; errors by kind; degraded
+requests by missing expert; requests in flight and queued.
+Expert replicas (`ExpertMetrics`): samples and requests per `@serve.batch` forward, and
+the forward's latency.
+"""
+
+from __future__ import annotations
+
+import math
+
+from router_service.sampler import EvaluationStats
+
+LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+STEP_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
+DEGREES = [1, 2, 5, 10, 15, 20, 30, 45, 60, 90]
+SAMPLES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+STEP_BUCKETS = 5  # t in [0, 1] in fifths: "0.0-0.2" (nearly data) .. "0.8-1.0" (noise)
+
+
+def step_bucket(t: float) -> str:
+    i = min(max(int(t * STEP_BUCKETS), 0), STEP_BUCKETS - 1)
+    return f"{i / STEP_BUCKETS:.1f}-{(i + 1) / STEP_BUCKETS:.1f}"
+
+
+def expert_name(k: int) -> str:
+    return f"expert-{k:03d}"
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.requests = Counter(
+            "ddm_serve_requests",
+            "sampling HTTP requests by route, strategy and status code",
+            tag_keys=("route", "strategy", "status"),
+        )
+        self.latency = Histogram(
+            "ddm_serve_request_seconds",
+            "request latency, queueing included",
+            boundaries=LATENCY_S,
+            tag_keys=("route", "strategy"),
+        )
+        self.step = Histogram(
+            "ddm_serve_step_seconds",
+            "one routed evaluation: route, fan out to experts, merge",
+            boundaries=STEP_S,
+            tag_keys=("strategy",),
+        )
+        self.expert_calls = Counter(
+            "ddm_serve_expert_calls",
+            "expert predict calls from the router by outcome (ok, retried, unavailable)",
+            tag_keys=("expert", "outcome"),
+        )
+        self.expert_latency = Histogram(
+            "ddm_serve_expert_call_seconds",
+            "expert predict call latency as the router awaits it (transport, queue, batch)",
+            boundaries=STEP_S,
+            tag_keys=("expert",),
+        )
+        self.routed = Counter(
+            "ddm_serve_routed_samples",
+            "samples routed to each expert, by step bucket (t: 1 noise, 0 data)",
+            tag_keys=("expert", "step_bucket", "strategy"),
+        )
+        self.disagreement = Histogram(
+            "ddm_serve_expert_disagreement_degrees",
+            "mean angle between the selected experts' velocities and their mean (>= 2 experts)",
+            boundaries=DEGREES,
+            tag_keys=("strategy",),
+        )
+        self.errors = Counter("ddm_serve_errors", "failed requests by kind", tag_keys=("kind",))
+        self.degraded = Counter(
+            "ddm_serve_degraded_requests",
+            "requests answered without an expert that had no live replica",
+            tag_keys=("expert",),
+        )
+        self.in_flight = Gauge("ddm_serve_requests_in_flight", "requests being sampled")
+        self.queued = Gauge("ddm_serve_requests_queued", "requests waiting for a sampling slot")
+
+    def request(self, route: str, strategy: str, status: int, seconds: float) -> None:
+        self.requests.inc(1, tags={"route": route, "strategy": strategy, "status": str(status)})
+        self.latency.observe(seconds, tags={"route": route, "strategy": strategy})
+
+    def evaluation(self, strategy: str, stats: EvaluationStats) -> None:
+        self.step.observe(stats.seconds, tags={"strategy": strategy})
+        bucket = step_bucket(stats.t)
+        for k, n in enumerate(stats.routed):
+            if n:
+                tags = {"expert": expert_name(k), "step_bucket": bucket, "strategy": strategy}
+                self.routed.inc(n, tags=tags)
+        for k, seconds in stats.expert_seconds.items():
+            self.expert_latency.observe(seconds, tags={"expert": expert_name(k)})
+        if not math.isnan(stats.disagreement):
+            self.disagreement.observe(stats.disagreement, tags={"strategy": strategy})
+
+    def expert_call(self, k: int, outcome: str) -> None:
+        self.expert_calls.inc(1, tags={"expert": expert_name(k), "outcome": outcome})
+
+    def error(self, kind: str) -> None:
+        self.errors.inc(1, tags={"kind": kind})
+
+    def degraded_request(self, missing: list[int]) -> None:
+        for k in missing:
+            self.degraded.inc(1, tags={"expert": expert_name(k)})
+
+    def load(self, in_flight: int, queued: int) -> None:
+        self.in_flight.set(in_flight)
+        self.queued.set(queued)
+
+
+class ExpertMetrics:
+    def __init__(self) -> None:
+        from ray.util.metrics import Histogram
+
+        self.batch_samples = Histogram(
+            "ddm_serve_batch_samples",
+            "samples stacked into one expert forward by @serve.batch",
+            boundaries=SAMPLES,
+            tag_keys=("expert",),
+        )
+        self.batch_requests = Histogram(
+            "ddm_serve_batch_requests",
+            "sub-batches (requests' steps) stacked into one expert forward",
+            boundaries=SAMPLES,
+            tag_keys=("expert",),
+        )
+        self.forward = Histogram(
+            "ddm_serve_expert_forward_seconds",
+            "one batched expert forward pass",
+            boundaries=STEP_S,
+            tag_keys=("expert",),
+        )
+
+    def batch(self, k: int, samples: int, requests: int, seconds: float) -> None:
+        tags = {"expert": expert_name(k)}
+        self.batch_samples.observe(samples, tags=tags)
+        self.batch_requests.observe(requests, tags=tags)
+        self.forward.observe(seconds, tags=tags)

@@ -1,0 +1,98 @@
+"""The sampler's experts backend over Ray Serve: one DeploymentHandle per expert.
+
+`predict(k, x_t, t, y)` sends the sub-batch to a replica of expert k's deployment and
+awaits its velocity. Faults, per call:
+- a replica that dies mid-call (actor died / unavailable) is retried, `retries` times with
+  a short back-off; Serve's handle routes the retry to another live replica of that
+  expert, so a request succeeds while any replica remains;
+- when no replica answers within `timeout_s` (none alive, or all retries failed), the
+  expert is marked down for `down_for_s` and `ExpertUnavailable` is raised: the request
+  fails (503) or, with on_unavailable="renormalize", routes around it. While marked down,
+  calls fail at once instead of waiting out the timeout again; a call after that window
+  probes it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from router_service.metrics import RouterMetrics
+from router_service.sampler import ExpertUnavailable
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return (RayActorError, ActorUnavailableError)
+
+
+class RemoteExperts:
+    def __init__(
+        self,
+        handles: Sequence[Any],
+        timeout_s: float = 30.0,
+        retries: int = 2,
+        down_for_s: float = 5.0,
+        metrics: RouterMetrics | None = None,
+    ):
+        self.handles = list(handles)
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.down_for_s = down_for_s
+        self.metrics = metrics
+        self._down_until = [0.0] * len(self.handles)
+        self._why = [""] * len(self.handles)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.handles)
+
+    def healthy(self, k: int) -> bool:
+        return time.monotonic() >= self._down_until[k]
+
+    def _count(self, k: int, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.expert_call(k, outcome)
+
+    def _down(self, k: int, why: str) -> ExpertUnavailable:
+        self._down_until[k] = time.monotonic() + self.down_for_s
+        self._why[k] = why
+        self._count(k, "unavailable")
+        return ExpertUnavailable(k, why)
+
+    async def predict(
+        self, k: int, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
+    ) -> torch.Tensor:
+        if not self.healthy(k):
+            self._count(k, "unavailable")
+            raise ExpertUnavailable(k, f"{self._why[k]} (marked down for {self.down_for_s} s)")
+        args = (
+            x_t.detach().cpu().numpy(),
+            t.detach().cpu().numpy(),
+            None if y is None else y.detach().cpu().numpy(),
+        )
+        failure = ""
+        for attempt in range(self.retries + 1):
+            response = self.handles[k].predict.remote(*args)
+            try:
+                v = await asyncio.wait_for(_awaited(response), self.timeout_s)
+            except TimeoutError:
+                response.cancel()
+                raise self._down(k, f"no replica answered within {self.timeout_s} s") from None
+            except _retryable() as e:
+                self._count(k, "retried")
+                failure = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            self._count(k, "ok")
+            return torch.from_numpy(v).to(x_t.device)
+        raise self._down(k, f"{self.retries + 1} attempts failed, the last with {failure}")
+
+
+async def _awaited(response: Any) -> Any:
+    return await response

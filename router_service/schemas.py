@@ -1,0 +1,182 @@
+"""The typed edges of sampling: request and response bodies of the HTTP API, the limits
+that bound a request, and the one parser that turns bad input into a message naming the
+field and what it accepts.
+
+Requests are strict (`extra="forbid"`, no silent coercion of "4" into 4): an unknown field
+or a wrong type is refused rather than guessed at. Bounds that an operator configures
+(most images or steps per request) are not in the models but in `Limits`, checked by
+`Limits.check` after parsing, so one schema serves every deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ddm_nodes.errors import DDMError
+
+MAX_SEED = 2**63 - 1
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class RequestError(DDMError, ValueError):
+    """A request the client can fix: HTTP 422 (or the CLI's exit code 2)."""
+
+    def __init__(self, field: str | None, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.status = status
+
+
+def parse(model: type[Model], body: bytes | dict) -> Model:
+    """`model` from a JSON body or a dict, or a RequestError naming the first bad field."""
+    try:
+        if isinstance(body, dict):
+            return model.model_validate(body)
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        if first["type"] == "json_invalid":
+            raise RequestError(None, f"the body is not valid JSON: {first['msg']}") from None
+        if first["type"] == "extra_forbidden":
+            allowed = ", ".join(model.model_fields)
+            raise RequestError(field, f"unknown field; allowed fields: {allowed}") from None
+        given = first.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        raise RequestError(field, f"{first['msg']}{shown}") from None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Limits(_Strict):
+    """What one request may ask for; the service answers 422 beyond it."""
+
+    max_n: int = Field(64, ge=1, le=65536, description="most images per request")
+    max_steps: int = Field(500, ge=1, le=100000, description="most ODE steps per request")
+    max_body_bytes: int = Field(65536, ge=1024, description="largest request body accepted")
+
+    def check(self, n: int, steps: int, n_field: str = "n", steps_field: str = "steps") -> None:
+        if n > self.max_n:
+            raise RequestError(n_field, f"must be between 1 and {self.max_n} (got {n})")
+        if steps > self.max_steps:
+            raise RequestError(steps_field, f"must be between 1 and {self.max_steps} (got {steps})")
+
+
+Strategy = Field(
+    None,
+    min_length=1,
+    max_length=64,
+    description="routing policy: full | uniform | top-K | threshold-T | nearest-centroid[-K]; "
+    "omitted: the service's default (top-2 unless configured)",
+)
+Seed = Field(None, ge=0, le=MAX_SEED, description="initial-noise seed; omitted: a random one")
+OnUnavailableField = Field(
+    "fail",
+    description="an expert with no live replica: 'fail' (503) or 'renormalize' (leave it "
+    "out, renormalise the weights, answer with degraded: true)",
+)
+
+
+class SampleRequest(_Strict):
+    """POST /v1/samples (and what `ddm sample` runs in-process)."""
+
+    n: int = Field(4, ge=1, description="images to sample")
+    steps: int = Field(50, ge=1, description="ODE steps from noise to data")
+    strategy: str | None = Strategy
+    solver: Literal["euler", "heun"] = "euler"
+    seed: int | None = Seed
+    label: str | int | None = Field(None, description="class name or id; omitted: any class")
+    guidance: float = Field(
+        1.0, ge=0, le=100, allow_inf_nan=False, description="classifier-free guidance scale"
+    )
+    temperature: float | None = Field(
+        None, gt=0, le=1e6, allow_inf_nan=False, description="nearest-centroid temperature"
+    )
+    format: Literal["png", "npy"] = Field(
+        "png", description="png: one base64 PNG per image; npy: one base64 .npy float32 array"
+    )
+    on_unavailable: Literal["fail", "renormalize"] = OnUnavailableField
+
+
+class ImagesRequest(_Strict):
+    """POST /v1/images/generations: the OpenAI images request shape, plus our routing."""
+
+    prompt: str = Field(
+        min_length=1, max_length=1000, description="a class name of the data set, e.g. sneaker"
+    )
+    n: int = Field(1, ge=1, description="images to generate")
+    size: str | None = Field(
+        None, pattern=r"^\d{1,5}x\d{1,5}$", description="WxH; must be the models' image size"
+    )
+    response_format: Literal["b64_json"] = Field(
+        "b64_json", description="only b64_json: images are returned inline, never as URLs"
+    )
+    model: str | None = Field(None, max_length=200, description="optional; must be 'ddm'")
+    num_inference_steps: int = Field(50, ge=1, description="ODE steps")
+    guidance_scale: float = Field(1.0, ge=0, le=100, allow_inf_nan=False)
+    seed: int | None = Seed
+    strategy: str | None = Strategy
+    on_unavailable: Literal["fail", "renormalize"] = OnUnavailableField
+
+
+class Usage(BaseModel):
+    expert_calls: dict[str, int] = Field(description="predict calls per expert deployment")
+    experts_per_step: float = Field(description="mean experts selected per sample and step")
+    evaluations: int = Field(description="routed velocity evaluations")
+
+
+class Timing(BaseModel):
+    total_s: float
+    per_step_ms: float
+    queued_s: float = Field(description="time spent waiting for a sampling slot")
+
+
+class SampleResponse(BaseModel):
+    strategy: str
+    solver: str
+    n: int
+    steps: int
+    seed: int
+    label: int | None
+    format: Literal["png", "npy"]
+    shape: list[int] = Field(description="(N, C, H, W)")
+    images: list[str] | None = Field(None, description="base64 PNG per image (format png)")
+    npy: str | None = Field(None, description="base64 .npy float32 in [-1, 1] (format npy)")
+    usage: Usage
+    timing: Timing
+    degraded: bool
+    missing_experts: list[str]
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: str = Field(description="the class name the prompt was matched to")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    seed: int
+    usage: Usage
+    degraded: bool
+    missing_experts: list[str]
+
+
+class ExpertStatus(BaseModel):
+    id: int
+    name: str
+    cluster: int
+    sha256: str
+    preset: str
+    replicas: int = Field(description="replicas running now")
+    healthy: bool
+
+
+class ExpertsResponse(BaseModel):
+    experts: list[ExpertStatus]
+    router: bool = Field(description="whether the store has a router network")
+    class_names: list[str] | None

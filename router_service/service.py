@@ -1,0 +1,247 @@
+"""The sampling service behind the HTTP API, free of Ray and of HTTP: it admits a request
+(bounded concurrency and queue), plans it against the store's models, runs the one
+sampler with whatever experts backend it was given (Serve handles in the router
+deployment, local modules in tests), and shapes the answer.
+
+Backpressure: at most `max_active` requests sample at once (their expert calls interleave,
+which is what lets the expert replicas batch across requests) and at most `max_queued`
+more wait for a slot; past that a request is refused at once with `Overloaded` (HTTP 503
+with Retry-After) instead of piling up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ddm_nodes.errors import DDMError
+from ddm_nodes.pixels import npy_bytes, pngs
+from router_service import engine
+from router_service.metrics import RouterMetrics, expert_name
+from router_service.policies import get_policy
+from router_service.sampler import SampleResult
+from router_service.schemas import (
+    ExpertsResponse,
+    ExpertStatus,
+    ImageData,
+    ImagesRequest,
+    ImagesResponse,
+    Limits,
+    RequestError,
+    SampleRequest,
+    SampleResponse,
+    Timing,
+    Usage,
+)
+
+SERVED_MODEL = "ddm"  # the one `model` name /v1/images/generations accepts
+
+
+class Overloaded(DDMError):
+    """Every sampling slot is busy and the queue is full: try again later."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the service is at capacity; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class Admission:
+    """At most `max_active` holders at once and `max_queued` waiting; beyond, Overloaded."""
+
+    def __init__(self, max_active: int, max_queued: int, retry_after_s: int = 1):
+        if max_active < 1 or max_queued < 0:
+            raise ValueError("max_active must be >= 1 and max_queued >= 0")
+        self.max_active, self.max_queued = max_active, max_queued
+        self.retry_after_s = retry_after_s
+        self.active = 0
+        self.waiting = 0
+        self._slots: asyncio.Semaphore | None = None
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
+        """Hold a sampling slot; yields the seconds spent waiting for it."""
+        if self.active + self.waiting >= self.max_active + self.max_queued:
+            raise Overloaded(self.retry_after_s)
+        if self._slots is None:  # made in the running loop
+            self._slots = asyncio.Semaphore(self.max_active)
+        start = time.perf_counter()
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield time.perf_counter() - start
+        finally:
+            self.active -= 1
+            self._slots.release()
+
+
+@dataclass
+class Sampled:
+    plan: engine.Plan
+    result: SampleResult
+    timing: Timing
+
+
+ReplicaCounts = Callable[[], Awaitable[dict[str, int]]]
+
+
+class SamplingService:
+    """Plans, admits and runs sampling requests; see the module docstring."""
+
+    def __init__(
+        self,
+        models: Any,
+        experts: Any,
+        limits: Limits | None = None,
+        admission: Admission | None = None,
+        metrics: RouterMetrics | None = None,
+        api_key: str | None = None,
+        replica_counts: ReplicaCounts | None = None,
+        default_strategy: str = engine.DEFAULT_STRATEGY,
+    ):
+        self.models = models
+        self.experts = experts
+        self.limits = limits or Limits()
+        self.admission = admission or Admission(max_active=8, max_queued=32)
+        self.metrics = metrics
+        self.api_key = api_key or None
+        self.replica_counts = replica_counts
+        self.default_strategy = get_policy(default_strategy).name
+
+    async def _sample(self, request: SampleRequest) -> Sampled:
+        plan = engine.plan(
+            request, self.models, self.experts.num_experts, self.limits, self.default_strategy
+        )
+        strategy = plan.policy.name
+        hook = None
+        if self.metrics is not None:
+            metrics = self.metrics
+
+            def hook(stats):
+                metrics.evaluation(strategy, stats)
+
+        start = time.perf_counter()
+        async with self.admission.slot() as queued:
+            self._report_load()
+            try:
+                result = await engine.run(plan, self.experts, self.models, hook)
+            finally:
+                self._report_load()
+        total = time.perf_counter() - start
+        if result.missing_experts and self.metrics is not None:
+            self.metrics.degraded_request(result.missing_experts)
+        timing = Timing(
+            total_s=round(total, 4),
+            per_step_ms=round(1000 * (total - queued) / request.steps, 3),
+            queued_s=round(queued, 4),
+        )
+        return Sampled(plan, result, timing)
+
+    def _report_load(self) -> None:
+        if self.metrics is not None:
+            self.metrics.load(self.admission.active, self.admission.waiting)
+
+    @staticmethod
+    def _usage(result: SampleResult) -> Usage:
+        return Usage(
+            expert_calls={expert_name(k): c for k, c in enumerate(result.expert_calls)},
+            experts_per_step=round(result.experts_per_step, 4),
+            evaluations=result.evaluations,
+        )
+
+    async def samples(self, request: SampleRequest) -> SampleResponse:
+        s = await self._sample(request)
+        images = s.result.images
+        encoded = {}
+        if request.format == "png":
+            encoded["images"] = [base64.b64encode(png).decode() for png in pngs(images)]
+        else:
+            encoded["npy"] = base64.b64encode(npy_bytes(images)).decode()
+        return SampleResponse(
+            strategy=s.plan.policy.name,
+            solver=request.solver,
+            n=request.n,
+            steps=request.steps,
+            seed=s.plan.seed,
+            label=s.plan.label,
+            format=request.format,
+            shape=list(images.shape),
+            usage=self._usage(s.result),
+            timing=s.timing,
+            degraded=bool(s.result.missing_experts),
+            missing_experts=[expert_name(k) for k in s.result.missing_experts],
+            **encoded,
+        )
+
+    async def images(self, request: ImagesRequest) -> ImagesResponse:
+        if request.model is not None and request.model != SERVED_MODEL:
+            raise RequestError("model", f"this service serves {SERVED_MODEL!r} only")
+        c, h, w = self.models.image_shape
+        if request.size is not None and request.size != f"{w}x{h}":
+            raise RequestError("size", f"the models make {w}x{h} images; use size {w}x{h}")
+        self.limits.check(request.n, request.num_inference_steps, "n", "num_inference_steps")
+        label = engine.match_prompt(self.models.manifest.class_names, request.prompt)
+        sample_request = SampleRequest(
+            n=request.n,
+            steps=request.num_inference_steps,
+            strategy=request.strategy,
+            seed=request.seed,
+            label=label,
+            guidance=request.guidance_scale,
+            on_unavailable=request.on_unavailable,
+        )
+        s = await self._sample(sample_request)
+        name = self.models.manifest.class_names[label]
+        return ImagesResponse(
+            created=int(time.time()),
+            data=[
+                ImageData(b64_json=base64.b64encode(png).decode(), revised_prompt=name)
+                for png in pngs(s.result.images)
+            ],
+            seed=s.plan.seed,
+            usage=self._usage(s.result),
+            degraded=bool(s.result.missing_experts),
+            missing_experts=[expert_name(k) for k in s.result.missing_experts],
+        )
+
+    async def experts_info(self) -> ExpertsResponse:
+        counts = await self.replica_counts() if self.replica_counts else {}
+        rows = []
+        for card in self.models.cards:
+            replicas = counts.get(card.name, 1 if self.replica_counts is None else 0)
+            healthy = replicas > 0 and _healthy(self.experts, card.id)
+            rows.append(
+                ExpertStatus(
+                    id=card.id,
+                    name=card.name,
+                    cluster=card.cluster,
+                    sha256=card.sha256,
+                    preset=card.preset,
+                    replicas=replicas,
+                    healthy=healthy,
+                )
+            )
+        return ExpertsResponse(
+            experts=rows,
+            router=self.models.router is not None,
+            class_names=self.models.manifest.class_names,
+        )
+
+    async def ready(self) -> tuple[bool, str]:
+        """Ready when every expert has a live replica and is not marked down."""
+        info = await self.experts_info()
+        down = [e.name for e in info.experts if not e.healthy]
+        return (not down, f"no healthy replica: {', '.join(down)}" if down else "ready")
+
+
+def _healthy(experts: Any, k: int) -> bool:
+    check = getattr(experts, "healthy", None)
+    return True if check is None else bool(check(k))
