@@ -22,13 +22,13 @@ READY_TIMEOUT_S = 600
 
 def connect_ray() -> bool:
     """Join the cluster (see the module docstring); True when a local Ray was started."""
-    import ray
-
     from cluster_jobs.local_cluster import use_local_cluster_auth
+
+    info = use_local_cluster_auth()
+    import ray
 
     if ray.is_initialized():
         return False
-    info = use_local_cluster_auth()
     env_address = os.environ.get("RAY_ADDRESS", "")
     if info is not None:
         address = info.gcs_address
@@ -62,6 +62,9 @@ def _wait_ready(url: str, deadline: float) -> None:
 
 
 def serve_forever(args: AppArgs, host: str, port: int) -> None:
+    from cluster_jobs.local_cluster import use_local_cluster_auth
+
+    use_local_cluster_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, then
     from ray import serve
 
     from router_service.app import APP_NAME, build_app

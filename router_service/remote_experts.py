@@ -5,11 +5,11 @@ awaits its velocity. Faults, per call:
 - a replica that dies mid-call (actor died / unavailable) is retried, `retries` times with
   a short back-off; Serve's handle routes the retry to another live replica of that
   expert, so a request succeeds while any replica remains;
-- when no replica answers within `timeout_s` (none alive, or all retries failed), the
-  expert is marked down for `down_for_s` and `ExpertUnavailable` is raised: the request
-  fails (503) or, with on_unavailable="renormalize", routes around it. While marked down,
-  calls fail at once instead of waiting out the timeout again; a call after that window
-  probes it again.
+- when no replica answers within `timeout_s` (none alive), its deployment failed, or all
+  retries failed, the expert is marked down for `down_for_s` and `ExpertUnavailable` is
+  raised: the request fails (503) or, with on_unavailable="renormalize", routes around it.
+  While marked down, calls fail at once instead of waiting out the timeout again; a call
+  after that window probes it again.
 """
 
 from __future__ import annotations
@@ -26,9 +26,17 @@ from router_service.sampler import ExpertUnavailable
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
+    """A replica died or went away: another replica of the same expert may answer."""
     from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
 
-    return (RayActorError, ActorUnavailableError)
+    return (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
+
+
+def _deployment_failed() -> type[BaseException]:
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    return DeploymentUnavailableError
 
 
 class RemoteExperts:
@@ -84,6 +92,8 @@ class RemoteExperts:
             except TimeoutError:
                 response.cancel()
                 raise self._down(k, f"no replica answered within {self.timeout_s} s") from None
+            except _deployment_failed():
+                raise self._down(k, "its deployment failed to deploy") from None
             except _retryable() as e:
                 self._count(k, "retried")
                 failure = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -28,35 +28,6 @@ TINY = ["--preset", "dit-tiny", "--batch-size", "16"]
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """`ddm cluster up` on free loopback ports; `ddm cluster down` afterwards."""
-    from conftest import free_port, run_ddm
-
-    env = {**os.environ, "DDM_CLUSTER_DIR": str(tmp_path_factory.mktemp("cluster"))}
-    up = run_ddm(
-        "cluster",
-        "up",
-        "--num-cpus",
-        "2",
-        "--port",
-        str(free_port()),
-        "--dashboard-port",
-        str(free_port()),
-        "--metrics-export-port",
-        str(free_port()),
-        env=env,
-    )
-    assert up.returncode == 0, up.stderr
-    info = json.loads(up.stdout)
-    assert info["dashboard_url"].startswith("http://127.0.0.1:")
-    try:
-        yield env
-    finally:
-        down = run_ddm("cluster", "down", env=env)
-        assert down.returncode == 0, down.stderr
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("store") / "digits"
     prepare(

@@ -1,0 +1,519 @@
+"""router_service/http_api.py: the FastAPI app over a SamplingService, driven in-process with
+Starlette's TestClient (and httpx's ASGI transport for concurrency) on a tiny real store of
+3 conditional dit-tiny experts and a router: image encodings, seeded reproducibility,
+served == in-process, validation (422 naming the field), body limit (413), API keys (401),
+the OpenAI images route, expert identities, backpressure (503 + Retry-After), unavailable
+experts (fail / renormalize) and backend failures (500), the service answering after each."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cluster_jobs.prepare import PrepareConfig, prepare
+from cluster_jobs.sampling import run_sample
+from cluster_jobs.train_config import TrainConfig
+from cluster_jobs.training import train_local
+from ddm_nodes.pixels import from_npy
+from router_service import engine
+from router_service.http_api import UNAVAILABLE_RETRY_AFTER_S, make_api
+from router_service.local_experts import LocalExperts
+from router_service.policies import MIN_WEIGHT
+from router_service.sampler import ExpertUnavailable, initial_noise, sample, time_grid
+from router_service.schemas import Limits, RequestError
+from router_service.service import Admission, SamplingService
+
+K, SIZE = 3, 8
+LIMITS = Limits(max_n=8, max_steps=20)
+KEY = "a-long-key-123"
+FASHION = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
+# --- fixtures: one tiny store, its experts, a service and a client -----------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("http-api") / "store"
+    prepare(
+        PrepareConfig(dataset="digits", clusters=K, store=str(root), image_size=SIZE, workers=1)
+    )
+    common = dict(store=str(root), steps=3, batch_size=8, checkpoint_every=3, cpus_per_worker=1)
+    for k in range(K):
+        train_local(TrainConfig(kind="expert", cluster=k, preset="dit-tiny", **common))
+    train_local(TrainConfig(kind="router", preset="router-tiny", lr=1e-3, **common))
+    return root
+
+
+@pytest.fixture(scope="module")
+def experts(store) -> LocalExperts:
+    return LocalExperts(store)
+
+
+@pytest.fixture(scope="module")
+def client(experts) -> TestClient:
+    service = SamplingService(experts, experts, limits=LIMITS)
+    return TestClient(make_api(lambda: service))
+
+
+def _post(client: TestClient, body: dict, route: str = "/v1/samples", **kwargs) -> httpx.Response:
+    return client.post(route, json=body, **kwargs)
+
+
+def _npy(reply: httpx.Response) -> torch.Tensor:
+    assert reply.status_code == 200, reply.text
+    return from_npy(base64.b64decode(reply.json()["npy"]))
+
+
+def _png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def _assert_error(reply: httpx.Response, status: int, param: str | None, *words: str) -> None:
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param
+    for word in words:
+        assert word in error["message"], (word, error["message"])
+
+
+# --- POST /v1/samples ----------------------------------------------------------------------
+
+
+def test_png_format_returns_n_decodable_images_of_the_model_size(client):
+    reply = _post(client, {"n": 3, "steps": 2, "seed": 1})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["format"] == "png" and body["npy"] is None and body["shape"] == [3, 1, SIZE, SIZE]
+    assert len(body["images"]) == 3
+    for b64 in body["images"]:
+        image = _png(b64)
+        assert image.size == (SIZE, SIZE) and image.mode == "L"
+
+
+def test_npy_format_is_the_images_in_model_range_and_the_same_seed_repeats_them(client):
+    body = {"n": 4, "steps": 3, "seed": 7, "format": "npy", "strategy": "top-2"}
+    a = _npy(_post(client, body))
+    assert a.shape == (4, 1, SIZE, SIZE) and a.dtype == torch.float32
+    assert torch.isfinite(a).all() and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(_npy(_post(client, body)), a)
+    assert not torch.equal(_npy(_post(client, {**body, "seed": 8})), a)
+
+
+def _expected_full_experts_per_step(experts, n: int, steps: int, seed: int) -> float:
+    """What `full` selects, from the router's own probabilities along the same trajectory."""
+    result = sample(
+        experts,
+        experts.router,
+        "full",
+        initial_noise(n, experts.image_shape, seed),
+        time_grid(steps),
+        trace=True,
+    )
+    per_eval = [
+        (s.probs >= MIN_WEIGHT).sum(dim=1).clamp_min(1).float().mean() for s in result.trace
+    ]
+    return float(torch.stack(per_eval).mean())
+
+
+@pytest.mark.parametrize("strategy, per_step", [("top-1", 1.0), ("top-2", 2.0), ("full", None)])
+def test_usage_counts_expert_calls_and_experts_per_step(client, experts, strategy, per_step):
+    n, steps, seed = 4, 3, 11
+    body = {"n": n, "steps": steps, "seed": seed, "strategy": strategy, "format": "npy"}
+    reply = _post(client, body)
+    assert reply.status_code == 200, reply.text
+    usage = reply.json()["usage"]
+    assert sorted(usage["expert_calls"]) == ["expert-000", "expert-001", "expert-002"]
+    assert usage["evaluations"] == steps
+    calls = sum(usage["expert_calls"].values())
+    # one call per selected expert per evaluation: at least one, at most every expert
+    assert steps <= calls <= K * steps
+    if per_step is None:  # full: every expert above MIN_WEIGHT of router probability
+        per_step = _expected_full_experts_per_step(experts, n, steps, seed)
+        assert 1.0 <= per_step <= K
+        if per_step == K:
+            assert usage["expert_calls"] == {f"expert-00{k}": steps for k in range(K)}
+    assert usage["experts_per_step"] == pytest.approx(per_step, abs=1e-4)
+
+
+def test_an_omitted_seed_is_chosen_returned_and_reproduces_the_images(client):
+    first = _post(client, {"n": 2, "steps": 2, "format": "npy"})
+    seed = first.json()["seed"]
+    assert isinstance(seed, int) and seed >= 0
+    again = _post(client, {"n": 2, "steps": 2, "format": "npy", "seed": seed})
+    assert again.json()["seed"] == seed
+    assert torch.equal(_npy(again), _npy(first))
+
+
+@pytest.mark.parametrize(
+    "strategy, extra",
+    [
+        ("top-2", {}),
+        ("full", {"solver": "heun"}),
+        ("nearest-centroid-2", {"temperature": 0.5}),
+        ("uniform", {"label": "7", "guidance": 2.0}),
+    ],
+)
+def test_served_images_equal_the_in_process_sampler(client, experts, strategy, extra):
+    n, steps, seed = 3, 3, 5
+    body = {"n": n, "steps": steps, "seed": seed, "strategy": strategy, "format": "npy", **extra}
+    served = _npy(_post(client, body))
+    local = run_sample(experts, strategy, n, steps, seed=seed, **extra)
+    torch.testing.assert_close(served, local.images, atol=1e-6, rtol=0)
+
+
+# --- validation: 422 naming the field, 413 past the body limit ------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"n": 0}, "n", ["greater than or equal to 1"]),
+        ({"n": LIMITS.max_n + 1}, "n", [f"between 1 and {LIMITS.max_n}"]),
+        ({"steps": LIMITS.max_steps + 1}, "steps", [f"between 1 and {LIMITS.max_steps}"]),
+        ({"n": "4"}, "n", ["valid integer", "'4'"]),
+        ({"colour": "red"}, "colour", ["unknown field", "n, steps, strategy"]),
+        ({"strategy": "bogus"}, "strategy", ["bogus", "top-K", "nearest-centroid"]),
+        ({"strategy": "top-9"}, "strategy", ["top-9", "1 <= K <= 3"]),
+        ({"strategy": "threshold-0"}, "strategy", ["0 < T <= 1"]),
+        ({"label": "giraffe"}, "label", ["giraffe", "0..9", "'7'"]),
+        ({"guidance": 3.0}, "guidance", ["needs a label"]),
+        ({"temperature": 0.5, "strategy": "top-2"}, "temperature", ["nearest-centroid"]),
+        ({"strategy": "oracle"}, "strategy", ["oracle", "analysis only"]),
+        ({"format": "gif"}, "format", ["'png'", "'npy'"]),
+        ({"solver": "rk4"}, "solver", ["'euler'", "'heun'"]),
+    ],
+)
+def test_bad_requests_are_422_naming_the_field_and_what_it_accepts(client, body, param, words):
+    reply = _post(client, {"steps": 2, **body})
+    _assert_error(reply, 422, param, *words)
+    assert reply.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_body_that_is_not_json_is_422(client):
+    reply = client.post(
+        "/v1/samples", content=b'{"n": 2,', headers={"Content-Type": "application/json"}
+    )
+    _assert_error(reply, 422, None, "not valid JSON")
+
+
+def test_a_body_over_the_limit_is_413_declared_or_streamed(client):
+    most = LIMITS.max_body_bytes
+    padded = b'{"n": 1, "steps": 2, "label": "' + b"x" * most + b'"}'
+    reply = client.post("/v1/samples", content=padded)
+    _assert_error(reply, 413, None, f"over {most} bytes")
+    # no Content-Length (chunked): cut off while reading
+    chunks = (padded[i : i + 4096] for i in range(0, len(padded), 4096))
+    reply = client.post("/v1/samples", content=chunks)
+    _assert_error(reply, 413, None, f"over {most} bytes")
+
+
+def test_the_service_still_answers_after_bad_requests(client):
+    for body in ({"n": 0}, {"strategy": "top-9"}, {"label": "giraffe"}, {"oops": 1}):
+        assert _post(client, {"steps": 2, **body}).status_code == 422
+    assert client.post("/v1/samples", content=b"x" * (LIMITS.max_body_bytes + 1)).status_code == 413
+    assert _post(client, {"n": 1, "steps": 2}).status_code == 200
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="schemas.parse names a union member: a wrongly typed `label` (str | int | None) "
+    "is reported with param 'label.str' instead of 'label'",
+)
+def test_a_wrongly_typed_label_names_the_label_field(client):
+    reply = _post(client, {"steps": 2, "label": 1.5})
+    _assert_error(reply, 422, "label")
+    assert reply.json()["error"]["message"].startswith("label:")
+
+
+# --- API keys ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed(experts) -> TestClient:
+    service = SamplingService(experts, experts, limits=LIMITS, api_key=KEY)
+    return TestClient(make_api(lambda: service))
+
+
+def test_v1_routes_need_the_bearer_key(keyed):
+    body = {"n": 1, "steps": 2}
+    missing = _post(keyed, body)
+    _assert_error(missing, 401, None, "Authorization: Bearer")
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert missing.json()["error"]["type"] == "authentication_error"
+    for header in (f"Bearer {KEY}x", "Bearer wrong-key-0000", KEY, f"Basic {KEY}"):
+        assert _post(keyed, body, headers={"Authorization": header}).status_code == 401
+    assert _post(keyed, body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    images = {"prompt": "3", "num_inference_steps": 2}
+    assert _post(keyed, images, "/v1/images/generations").status_code == 401
+    assert keyed.get("/v1/experts").status_code == 401
+    reply = keyed.get("/v1/experts", headers={"Authorization": f"Bearer {KEY}"})
+    assert reply.status_code == 200 and len(reply.json()["experts"]) == K
+
+
+def test_probes_need_no_key(keyed):
+    assert keyed.get("/healthz").json() == {"status": "ok"}
+    ready = keyed.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "detail": "ready"}
+
+
+# --- POST /v1/images/generations -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", ["3", "a photo of a 3"])
+def test_images_route_matches_the_prompt_to_a_class(client, prompt):
+    body = {"prompt": prompt, "n": 2, "num_inference_steps": 2, "size": "8x8", "seed": 3}
+    reply = _post(client, body, "/v1/images/generations")
+    assert reply.status_code == 200, reply.text
+    out = reply.json()
+    assert out["seed"] == 3 and out["degraded"] is False and len(out["data"]) == 2
+    for item in out["data"]:
+        assert item["revised_prompt"] == "3"
+        assert _png(item["b64_json"]).size == (SIZE, SIZE)
+    assert out["usage"]["evaluations"] == 2
+
+
+def test_images_route_samples_the_matched_class(client):
+    images = _post(
+        client, {"prompt": "3", "num_inference_steps": 2, "seed": 4}, "/v1/images/generations"
+    )
+    samples = _post(client, {"n": 1, "steps": 2, "seed": 4, "label": 3})
+    assert images.json()["data"][0]["b64_json"] == samples.json()["images"][0]
+
+
+@pytest.mark.parametrize(
+    "extra, param, words",
+    [
+        ({"prompt": "giraffe"}, "prompt", ["giraffe", "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"]),
+        ({"size": "16x16"}, "size", ["8x8"]),
+        ({"response_format": "url"}, "response_format", ["b64_json"]),
+        ({"model": "other"}, "model", ["'ddm'"]),
+        ({"n": LIMITS.max_n + 1}, "n", [f"between 1 and {LIMITS.max_n}"]),
+        ({"num_inference_steps": 21}, "num_inference_steps", ["between 1 and 20"]),
+    ],
+)
+def test_images_route_refuses_what_it_cannot_serve(client, extra, param, words):
+    body = {"prompt": "3", "num_inference_steps": 2, **extra}
+    _assert_error(_post(client, body, "/v1/images/generations"), 422, param, *words)
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("sneaker", 7),
+        ("Sneakers", 7),
+        ("a photo of an ankle boot", 9),
+        ("shirt", 6),
+        ("t-shirt", 0),
+        ("top", 0),
+        ("bags", 8),
+        ("Trouser", 1),
+        ("two coats", 4),
+    ],
+)
+def test_match_prompt_on_fashion_mnist_names(prompt, expected):
+    assert engine.match_prompt(FASHION, prompt) == expected
+
+
+def test_match_prompt_refuses_an_unknown_prompt_listing_the_names():
+    with pytest.raises(RequestError) as e:
+        engine.match_prompt(FASHION, "giraffe")
+    assert e.value.field == "prompt" and e.value.status == 422
+    assert "giraffe" in str(e.value) and ", ".join(FASHION) in str(e.value)
+    with pytest.raises(RequestError, match="no class names"):
+        engine.match_prompt(None, "sneaker")
+
+
+# --- GET /v1/experts -----------------------------------------------------------------------
+
+
+def test_experts_lists_each_expert_with_its_manifest_sha256(client, store):
+    reply = client.get("/v1/experts")
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["router"] is True and body["class_names"] == [str(i) for i in range(10)]
+    assert [e["name"] for e in body["experts"]] == ["expert-000", "expert-001", "expert-002"]
+    for k, e in enumerate(body["experts"]):
+        manifest = (store / "experts" / f"expert-{k:03d}" / "manifest.json").read_bytes()
+        assert e["id"] == e["cluster"] == k
+        assert len(e["sha256"]) == 64 and int(e["sha256"], 16) >= 0
+        assert e["sha256"] == hashlib.sha256(manifest).hexdigest()
+        assert e["preset"] == "dit-tiny" and e["replicas"] == 1 and e["healthy"] is True
+
+
+# --- fake experts backends -----------------------------------------------------------------
+
+
+class GatedExperts:
+    """Async: every predict waits for `gate`, then answers zeros."""
+
+    num_experts = K
+
+    def __init__(self):
+        self.gate = asyncio.Event()
+
+    async def predict(self, k, x, t, y):
+        await self.gate.wait()
+        return torch.zeros_like(x)
+
+
+class Wrapped:
+    """LocalExperts, except that `failing` experts raise `error(k)` and `down` ones report
+    unhealthy."""
+
+    def __init__(self, inner, failing=(), error=None, down=()):
+        self.inner, self.failing, self.error, self.down = inner, set(failing), error, set(down)
+        self.asked: list[int] = []
+
+    @property
+    def num_experts(self) -> int:
+        return self.inner.num_experts
+
+    def predict(self, k, x, t, y):
+        self.asked.append(k)
+        if k in self.failing:
+            raise self.error(k)
+        return self.inner.predict(k, x, t, y)
+
+    def healthy(self, k) -> bool:
+        return k not in self.down
+
+
+def _client(experts, backend, **options) -> TestClient:
+    service = SamplingService(experts, backend, limits=LIMITS, **options)
+    return TestClient(make_api(lambda: service))
+
+
+# --- backpressure --------------------------------------------------------------------------
+
+
+def test_past_the_queue_requests_get_503_with_retry_after_and_the_others_finish(experts):
+    backend = GatedExperts()
+    admission = Admission(max_active=1, max_queued=1, retry_after_s=2)
+    service = SamplingService(experts, backend, limits=LIMITS, admission=admission)
+    api = make_api(lambda: service)
+    body = {"n": 1, "steps": 1, "strategy": "uniform", "format": "npy"}
+
+    async def until(condition) -> None:
+        for _ in range(10_000):
+            if condition():
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("the service never reached the expected state")
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ddm") as http:
+            first = asyncio.create_task(http.post("/v1/samples", json=body))
+            await until(lambda: admission.active == 1)
+            second = asyncio.create_task(http.post("/v1/samples", json=body))
+            await until(lambda: admission.waiting == 1)
+            third = await http.post("/v1/samples", json=body)
+            assert not first.done() and not second.done()
+            backend.gate.set()
+            return third, await first, await second
+
+    third, first, second = asyncio.run(scenario())
+    _assert_error(third, 503, None, "capacity")
+    assert third.headers["Retry-After"] == "2" and third.json()["error"]["type"] == "overloaded"
+    for reply in (first, second):  # zero velocity: the images are the clipped initial noise
+        noise = initial_noise(1, (1, SIZE, SIZE), reply.json()["seed"])
+        assert torch.equal(_npy(reply), noise.clamp(-1, 1))
+    assert second.json()["timing"]["queued_s"] > 0
+    assert admission.active == 0 and admission.waiting == 0
+
+
+# --- unavailable experts, failing backends, readiness ---------------------------------------
+
+
+def _unavailable(k: int) -> ExpertUnavailable:
+    return ExpertUnavailable(k, "test")
+
+
+def test_an_unavailable_expert_fails_the_request_with_503_by_default(experts):
+    client = _client(experts, Wrapped(experts, failing={1}, error=_unavailable))
+    reply = _post(client, {"n": 2, "steps": 2, "strategy": "full"})
+    _assert_error(reply, 503, None, "expert-001", "renormalize")
+    assert reply.json()["error"]["type"] == "expert_unavailable"
+    assert reply.headers["Retry-After"] == str(UNAVAILABLE_RETRY_AFTER_S)
+
+
+def test_renormalize_leaves_the_unavailable_expert_out_and_says_so(client, experts):
+    n, steps, seed = 3, 3, 9
+    body = {"n": n, "steps": steps, "seed": seed, "strategy": "full", "format": "npy"}
+    backend = Wrapped(experts, failing={1}, error=_unavailable)
+    degraded = _post(_client(experts, backend), {**body, "on_unavailable": "renormalize"})
+    assert degraded.status_code == 200, degraded.text
+    out = degraded.json()
+    assert out["degraded"] is True and out["missing_experts"] == ["expert-001"]
+    calls = out["usage"]["expert_calls"]
+    # expert 1 was asked once, then left out; the first evaluation was dispatched again
+    assert calls == {"expert-000": steps + 1, "expert-001": 1, "expert-002": steps + 1}
+    assert backend.asked.count(1) == 1
+    images = _npy(degraded)
+    assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
+
+    healthy = _post(client, body)
+    assert healthy.json()["degraded"] is False and healthy.json()["missing_experts"] == []
+    assert not torch.allclose(images, _npy(healthy), atol=1e-4)
+
+    # the same as a run whose router never gives expert 1 any probability
+    def router_without_1(x, t):
+        logits = experts.router(x, t).clone()
+        logits[:, 1] = -torch.inf
+        return logits
+
+    expected = sample(
+        experts,
+        router_without_1,
+        "full",
+        initial_noise(n, experts.image_shape, seed),
+        time_grid(steps),
+    )
+    torch.testing.assert_close(images, expected.images, atol=1e-5, rtol=0)
+
+
+def test_a_failing_backend_is_500_and_the_service_answers_the_next_request(experts):
+    def boom(k):
+        return RuntimeError(f"expert {k} blew up")
+
+    backend = Wrapped(experts, failing={0, 1, 2}, error=boom)
+    service = SamplingService(experts, backend, limits=LIMITS)
+    client = TestClient(make_api(lambda: service))
+    reply = _post(client, {"n": 1, "steps": 2})
+    _assert_error(reply, 500, None, "RuntimeError", "blew up")
+    assert reply.json()["error"]["type"] == "internal_error"
+    assert service.admission.active == service.admission.waiting == 0
+    backend.failing.clear()
+    assert _post(client, {"n": 1, "steps": 2}).status_code == 200
+
+
+def test_readiness_and_expert_health_follow_the_backend(experts):
+    client = _client(experts, Wrapped(experts, down={1}))
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["ready"] is False
+    assert "expert-001" in ready.json()["detail"]
+    health = [e["healthy"] for e in client.get("/v1/experts").json()["experts"]]
+    assert health == [True, False, True]
