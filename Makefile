@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) bench/prepare.py
 	$(PY) bench/train.py
 	$(PY) bench/sample.py
+	$(PY) bench/serve.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

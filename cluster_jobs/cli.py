@@ -314,6 +314,7 @@ def serve_command(
     config: Annotated[
         str | None, typer.Option(help="JSON file of further app arguments (AppArgs fields)")
     ] = None,
+    access_log: Annotated[bool, typer.Option(help="Serve's per-request access log")] = True,
 ) -> None:
     """Serve the DDM over HTTP with Ray Serve: a router ingress and one deployment per
     expert; runs in the foreground until Ctrl-C."""
@@ -339,7 +340,7 @@ def serve_command(
             "device": device,
         }
     )
-    serve_forever(args, host, port)
+    serve_forever(args, host, port, access_log)
 
 
 def _print_cluster_table(summary: dict[str, Any]) -> None:

@@ -61,7 +61,7 @@ def _wait_ready(url: str, deadline: float) -> None:
     raise DDMError(f"the service at {url} did not become ready within {READY_TIMEOUT_S} s")
 
 
-def serve_forever(args: AppArgs, host: str, port: int) -> None:
+def serve_forever(args: AppArgs, host: str, port: int, access_log: bool = True) -> None:
     from cluster_jobs.local_cluster import use_local_cluster_auth
 
     use_local_cluster_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, then
@@ -79,7 +79,8 @@ def serve_forever(args: AppArgs, host: str, port: int) -> None:
     signal.signal(signal.SIGTERM, _stop)  # SIGTERM cleans up like Ctrl-C
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        logging = {"enable_access_log": access_log}
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging)
         _wait_ready(url, time.monotonic() + READY_TIMEOUT_S)
         print(f"serving {args.store} at {url} (Ctrl-C stops it)", flush=True)
         while True:

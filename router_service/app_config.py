@@ -80,6 +80,8 @@ class AppArgs(BaseModel):
         get_policy(self.default_strategy)  # a RoutingError (a ValueError) names the forms
         if self.api_key is None and os.environ.get("DDM_API_KEY"):
             self.api_key = os.environ["DDM_API_KEY"]
+            if len(self.api_key) < 8:
+                raise ValueError("DDM_API_KEY must be at least 8 characters")
         if self.device == "cuda" and self.expert_num_gpus == 0:
             self.expert_num_gpus = 1.0
         return self
@@ -111,7 +113,9 @@ class AppArgs(BaseModel):
             "name": "router",
             "num_replicas": 1,
             "ray_actor_options": {"num_cpus": self.router_num_cpus},
-            # admitted + queued + room for health probes; Admission answers 503 beyond it
+            # admitted + queued + room for probes: Admission answers 503 past its own bound,
+            # and Serve's proxy-side queue is bounded too, so nothing piles up unbounded
             "max_ongoing_requests": self.max_concurrent_requests + self.max_queued_requests + 16,
+            "max_queued_requests": 64,
             "health_check_period_s": self.health_check_period_s,
         }

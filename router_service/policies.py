@@ -190,7 +190,7 @@ class Policy:
         probabilities are renormalised over the available experts and distances of the
         others become infinite before the policy runs, so `full` drops the missing experts
         and renormalises, and top-K / nearest-centroid-K take the K best available ones
-        (K capped at how many are available)."""
+        (K capped at how many are available). A missing expert is never selected."""
         self.check_experts(num_experts)
         k = self.k
         if available is not None:
@@ -223,7 +223,10 @@ class Policy:
         _check_shape(given, (num_samples, num_experts), what[self.needs])
         if available is not None and self.needs == "router":
             given = given * available
-            given = given / given.sum(dim=1, keepdim=True).clamp_min(torch.finfo(given.dtype).tiny)
+            mass = given.sum(dim=1, keepdim=True)
+            # a row whose available experts all underflowed to 0 falls back to uniform
+            given = torch.where(mass > 0, given / mass.clamp_min(1e-30), available / live)
+            given = torch.where(available, given, -1.0)  # ranks below every available one
         elif available is not None:
             given = torch.where(available, given.float(), math.inf)
         if self.kind == "full":

@@ -96,7 +96,8 @@ class RemoteExperts:
                 raise self._down(k, "its deployment failed to deploy") from None
             except _retryable() as e:
                 self._count(k, "retried")
-                failure = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                first_line = (str(e).splitlines() or [""])[0]
+                failure = f"{type(e).__name__}: {first_line[:200]}"
                 await asyncio.sleep(0.05 * (attempt + 1))
                 continue
             self._count(k, "ok")

@@ -227,6 +227,8 @@ class _RoutedVelocity:
             probs, distances, decision = await self._route(x, t)
             everyone = self.trace_all_experts
             ids = list(range(K)) if everyone else decision.experts()
+            if self.missing & set(decision.experts()):
+                raise RoutingError(f"routing selected missing experts {sorted(self.missing)}")
             rows = {k: decision.rows(k).to(x.device) for k in ids}
             timed = await asyncio.gather(
                 *(self._timed(k, x, t, None if everyone else rows[k]) for k in ids),

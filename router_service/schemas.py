@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ddm_nodes.errors import DDMError
 
 MAX_SEED = 2**63 - 1
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -37,7 +38,9 @@ def parse(model: type[Model], body: bytes | dict) -> Model:
         return model.model_validate_json(body)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
+        # a union's errors name the member type tried ("label", "str"): keep field names
+        names = [str(p) for p in first["loc"] if p not in _UNION_TAGS and "[" not in str(p)]
+        field = ".".join(names) or None
         if first["type"] == "json_invalid":
             raise RequestError(None, f"the body is not valid JSON: {first['msg']}") from None
         if first["type"] == "extra_forbidden":

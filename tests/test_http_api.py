@@ -237,11 +237,6 @@ def test_the_service_still_answers_after_bad_requests(client):
     assert _post(client, {"n": 1, "steps": 2}).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schemas.parse names a union member: a wrongly typed `label` (str | int | None) "
-    "is reported with param 'label.str' instead of 'label'",
-)
 def test_a_wrongly_typed_label_names_the_label_field(client):
     reply = _post(client, {"steps": 2, "label": 1.5})
     _assert_error(reply, 422, "label")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
 from ddm_nodes.dataset_manifest import NULL_LABEL
 from router_service.app_config import AppArgs
@@ -227,12 +228,6 @@ def test_available_of_the_wrong_shape_is_refused():
         get_policy("full").select(2, 3, probs=PROBS, available=_available(True, False))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Policy.select(available=...) zeroes missing experts' probabilities and sorts; an "
-    "available expert whose probability is exactly 0 ties with a missing one and the tie goes "
-    "to the lower id, so top-K picks the MISSING expert (with weight 0)",
-)
 def test_top_k_never_selects_a_missing_expert_when_an_available_one_has_probability_zero():
     probs = torch.tensor([[0.3, 0.0, 0.7]])  # expert 1's probability underflowed to 0
     decision = get_policy("top-2").select(
@@ -241,12 +236,6 @@ def test_top_k_never_selects_a_missing_expert_when_an_available_one_has_probabil
     assert 0 not in decision.experts()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when every available expert has router probability 0 (the router is sure of the "
-    "missing one), the renormalisation divides 0 by a clamped tiny sum: full / top-K keep "
-    "the missing lowest-id expert with weight NaN",
-)
 def test_routing_around_a_missing_expert_never_yields_nan_weights():
     probs = torch.tensor([[1.0, 0.0, 0.0]])
     decision = get_policy("full").select(1, 3, probs=probs, available=_available(False, True, True))
@@ -358,12 +347,6 @@ def test_on_evaluation_disagreement_is_nan_with_one_expert_per_sample():
     assert all(sum(s.routed) == N for s in stats)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with on_unavailable='renormalize' the sampler re-routes until no selected expert "
-    "fails; when Policy.select(available=...) still selects the missing expert (the two bugs "
-    "above) it is asked again forever: the run never ends (here a guard raises instead)",
-)
 @pytest.mark.parametrize(
     "policy, logits",
     [
@@ -462,7 +445,12 @@ def test_remote_predict_sends_numpy_and_returns_a_tensor():
 
 
 @pytest.mark.parametrize(
-    "error", [RayActorError(), ActorUnavailableError("replica restarting", None)]
+    "error",
+    [
+        RayActorError(),
+        ActorUnavailableError("replica restarting", None),
+        ReplicaUnavailableError("replica-abc"),
+    ],
 )
 def test_a_dead_replica_is_retried(error):
     handle = Handle(error, _double)
@@ -510,6 +498,14 @@ def test_a_replica_that_never_answers_times_out_and_is_cancelled():
         _predict(experts, 0)
     assert len(handle.calls) == 1 and handle.responses[0].cancelled  # no retry after a timeout
     assert not experts.healthy(0) and metrics.calls == [(0, "unavailable")]
+
+
+def test_a_deployment_that_failed_to_deploy_is_unavailable_without_retry():
+    handle = Handle(DeploymentUnavailableError("expert-000"))
+    experts = RemoteExperts([handle], retries=2, down_for_s=60)
+    with pytest.raises(ExpertUnavailable, match="failed to deploy"):
+        _predict(experts, 0)
+    assert len(handle.calls) == 1 and not experts.healthy(0)
 
 
 def test_an_error_that_is_not_a_dead_replica_propagates_without_retry():
@@ -594,14 +590,9 @@ def test_api_key_defaults_to_the_environment(monkeypatch):
     assert AppArgs(store="/s").api_key is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api_key has min_length=8 but a key read from $DDM_API_KEY is assigned after "
-    "validation, so a short key from the environment is accepted unchecked",
-)
 def test_a_short_api_key_from_the_environment_is_refused_too(monkeypatch):
     monkeypatch.setenv("DDM_API_KEY", "abc")
-    with pytest.raises(ValidationError, match="api_key"):
+    with pytest.raises(ValidationError, match="DDM_API_KEY must be at least 8"):
         AppArgs(store="/s")
 
 

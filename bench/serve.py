@@ -1,0 +1,203 @@
+"""Benchmark the Serve router service against the in-process engine, in one run on one
+machine: images/s for top-2 and full at 50 Euler steps, at concurrency 1 and 8, the
+per-step router overhead, and the mean `@serve.batch` size. Prints JSON.
+
+    python bench/serve.py [--store STORE] [--n 8] [--steps 50] [--requests 2]
+
+Without --store it builds fashion-mnist K=8 with 8 dit-tiny experts and a router trained
+a few steps (speed does not depend on how well they are trained), as bench/sample.py does.
+It starts its own Ray head (`ddm cluster up` on free loopback ports) and `ddm serve`
+(access log off), and stops both at the end.
+
+in-process at concurrency c: the same c * requests * n images sampled by the engine in
+one process, as batches of c * n (the engine batches what concurrent clients would send
+separately; the best it can do). Router overhead per step: a served request's per-step
+time at concurrency 1 minus the in-process per-step time of the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_store(train_steps: int) -> str:
+    from cluster_jobs.prepare import PrepareConfig, prepare
+    from cluster_jobs.train_config import TrainConfig
+    from cluster_jobs.training import train_local
+
+    store = os.path.join(tempfile.mkdtemp(prefix="ddm-bench-serve-"), "store")
+    prepare(PrepareConfig(dataset="fashion-mnist", clusters=8, store=store))
+    common = dict(
+        store=store,
+        steps=train_steps,
+        batch_size=32,
+        checkpoint_every=train_steps,
+        cpus_per_worker=2,
+    )
+    for k in range(8):
+        train_local(TrainConfig(kind="expert", cluster=k, preset="dit-tiny", **common))
+    train_local(TrainConfig(kind="router", preset="router-tiny", lr=1e-3, **common))
+    return store
+
+
+def batch_stats(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of ray_ddm_serve_batch_samples over every expert replica."""
+    text = httpx.get(metrics_url, timeout=10).text
+    total = count = 0.0
+    for line in text.splitlines():
+        if m := re.match(r"ray_ddm_serve_batch_samples_(sum|count)\{.*\} ([0-9.e+]+)", line):
+            if m.group(1) == "sum":
+                total += float(m.group(2))
+            else:
+                count += float(m.group(2))
+    return total, count
+
+
+def served_run(url: str, strategy: str, clients: int, requests: int, n: int, steps: int):
+    def client(c: int) -> list[dict]:
+        out = []
+        with httpx.Client(timeout=600) as http:
+            for r in range(requests):
+                body = {"n": n, "steps": steps, "strategy": strategy, "seed": 1000 * c + r}
+                reply = http.post(f"{url}/v1/samples", json=body)
+                reply.raise_for_status()
+                out.append(reply.json()["timing"])
+        return out
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        timings = [t for ts in pool.map(client, range(clients)) for t in ts]
+    seconds = time.perf_counter() - start
+    return clients * requests * n / seconds, timings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--store")
+    ap.add_argument("--n", type=int, default=8, help="images per request")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--train-steps", type=int, default=30)
+    args = ap.parse_args()
+
+    from cluster_jobs.sampling import run_sample
+    from router_service.local_experts import LocalExperts
+
+    store = args.store or build_store(args.train_steps)
+    torch.set_num_threads(os.cpu_count() or 1)
+    experts = LocalExperts(store)
+    run_sample(experts, "top-1", n=4, steps=2)  # warm-up
+
+    cluster_dir = tempfile.mkdtemp(prefix="ddm-bench-cluster-")
+    env = {**os.environ, "DDM_CLUSTER_DIR": cluster_dir}
+    metrics_port, http_port = free_port(), free_port()
+    up = [
+        str(BIN / "ddm"), "cluster", "up", "--port", str(free_port()),
+        "--dashboard-port", str(free_port()), "--metrics-export-port", str(metrics_port),
+    ]  # fmt: skip
+    subprocess.run(up, env=env, check=True, capture_output=True)
+    log = open(os.path.join(cluster_dir, "serve.log"), "w")
+    serve = subprocess.Popen(
+        [str(BIN / "ddm"), "serve", "--store", store, "--port", str(http_port), "--no-access-log"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    rows: dict[str, dict] = {}
+    try:
+        deadline = time.monotonic() + 600
+        while f"serving {store}" not in Path(log.name).read_text():
+            if serve.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(Path(log.name).read_text()[-3000:])
+            time.sleep(1)
+        served_run(url, "top-2", 1, 1, 2, 4)  # warm-up
+        for strategy in ("top-2", "full"):
+            local_1 = run_sample(experts, strategy, n=args.n, steps=args.steps)
+            row: dict = {"in_process_step_ms_c1": round(1000 * local_1.seconds / args.steps, 2)}
+            for clients in (1, 8):
+                images = clients * args.requests * args.n
+                local = [
+                    run_sample(experts, strategy, n=clients * args.n, steps=args.steps)
+                    for _ in range(args.requests)
+                ]
+                local_rate = images / sum(r.seconds for r in local)
+                time.sleep(12)  # Ray exports worker metrics every few seconds
+                before = batch_stats(metrics_url)
+                rate, timings = served_run(
+                    url, strategy, clients, args.requests, args.n, args.steps
+                )
+                time.sleep(12)
+                after = batch_stats(metrics_url)
+                forwards = after[1] - before[1]
+                row[f"c{clients}"] = {
+                    "served_images_per_s": round(rate, 2),
+                    "in_process_images_per_s": round(local_rate, 2),
+                    "ratio": round(rate / local_rate, 3),
+                    "mean_batch_samples": round((after[0] - before[0]) / forwards, 2)
+                    if forwards
+                    else None,
+                    "served_step_ms_p50": round(
+                        statistics.median(t["per_step_ms"] for t in timings), 2
+                    ),
+                }
+                if clients == 1:
+                    over = sorted(t["per_step_ms"] - row["in_process_step_ms_c1"] for t in timings)
+                    row["router_overhead_step_ms_p50"] = round(statistics.median(over), 2)
+                    row["router_overhead_step_ms_p95"] = round(
+                        over[min(len(over) - 1, int(0.95 * len(over)))], 2
+                    )
+            rows[strategy] = row
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        subprocess.run([str(BIN / "ddm"), "cluster", "down"], env=env, capture_output=True)
+    print(
+        json.dumps(
+            {
+                "benchmark": "serve",
+                "experts": experts.num_experts,
+                "preset": "dit-tiny",
+                "n_per_request": args.n,
+                "requests_per_client": args.requests,
+                "steps": args.steps,
+                "replicas_per_expert": 1,
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "strategies": rows,
+                "target": "served >= 0.7x in-process at concurrency 8",
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
