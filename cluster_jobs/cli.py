@@ -158,6 +158,7 @@ def submit(
     clusters: Annotated[str, typer.Option(help="all | none | ids like 0,2,5")] = "all",
     router: Annotated[bool, typer.Option(help="also train the router")] = False,
     monolith: Annotated[bool, typer.Option(help="also train the monolith")] = False,
+    featnet: Annotated[bool, typer.Option(help="also train the analysis' featnet")] = False,
     preset: Annotated[str | None, typer.Option(help="expert preset")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps per job")] = None,
     batch_size: Annotated[int | None, typer.Option(help="batch size per worker")] = None,
@@ -170,7 +171,7 @@ def submit(
     force: Annotated[bool, typer.Option(help="retrain finished jobs from scratch")] = False,
     wait: Annotated[bool, typer.Option(help="wait until every job has finished")] = False,
 ) -> None:
-    """Submit one Ray job per expert (and the router / monolith)."""
+    """Submit one Ray job per expert (and the router / monolith / featnet)."""
     from cluster_jobs import submit as jobs
 
     url = _address(address)
@@ -189,7 +190,8 @@ def submit(
         ).items()
         if v is not None
     }
-    done = jobs.submit(url, jobs.plan(store, clusters, router, monolith, options), force)
+    configs = jobs.plan(store, clusters, router, monolith, options, featnet)
+    done = jobs.submit(url, configs, force)
     for s in done:
         print(f"{s.action:17s} {s.submission_id}")
     if wait:
@@ -268,7 +270,8 @@ def sample_command(
         from router_service.local_experts import LocalExperts
 
         experts = LocalExperts(store, device=device)
-        run = run_sample(experts, strategy, n, steps, solver, seed, label, guidance)
+        options = dict(solver=solver, seed=seed, label=label, guidance=guidance)
+        run = run_sample(experts, strategy, n, steps, **options)
     write_atomic(out, grid_png(run.images))
     if npy:
         write_atomic(npy, npy_bytes(run.images))
@@ -341,6 +344,43 @@ def serve_command(
         }
     )
     serve_forever(args, host, port, access_log)
+
+
+@app.command("analyze")
+@user_errors
+def analyze_command(
+    store: Annotated[str, typer.Option(help="store URI with experts, router and featnet")],
+    out: Annotated[str, typer.Option(help="folder for results.json, report.md and plots")],
+    strategies: Annotated[
+        str, typer.Option(help="comma-separated routing strategies")
+    ] = "full,top-1,top-2,threshold-0.2,nearest-centroid,uniform",
+    include_monolith: Annotated[bool, typer.Option(help="also score the monolith")] = False,
+    n: Annotated[int | None, typer.Option(help="images per strategy and seed [1000]")] = None,
+    steps: Annotated[int | None, typer.Option(help="Euler steps [50]")] = None,
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1",
+    quick: Annotated[
+        bool, typer.Option(help="small settings for CI (n 64, 8 steps); not for conclusions")
+    ] = False,
+) -> None:
+    """Reproduce the paper's analyses: quality (FID, KID, precision/recall), stability
+    (trajectory sensitivity, Δ_refine) and expert-data alignment, with a report."""
+    from cluster_jobs.analyze import AnalyzeConfig, run_analysis
+
+    parts = [s.strip() for s in seeds.split(",") if s.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise DDMError(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1")
+    settings = AnalyzeConfig.quick_settings() if quick else {}
+    settings.update({k: v for k, v in dict(n=n, steps=steps).items() if v is not None})
+    cfg = AnalyzeConfig(
+        store=store,
+        out=out,
+        strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+        include_monolith=include_monolith,
+        seeds=[int(p) for p in parts],
+        **settings,
+    )
+    report = run_analysis(cfg)
+    print(json.dumps({"out": out, "seconds": round(report["seconds"], 1)}))
 
 
 def _print_cluster_table(summary: dict[str, Any]) -> None:

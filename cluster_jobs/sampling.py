@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -55,18 +56,10 @@ def sample_request(
 
 
 def run_sample(
-    experts: LocalExperts,
-    strategy: str,
-    n: int,
-    steps: int,
-    solver: str = "euler",
-    seed: int = 0,
-    label: str | None = None,
-    guidance: float = 1.0,
-    temperature: float | None = None,
+    experts: LocalExperts, strategy: str, n: int, steps: int, **options: Any
 ) -> SampleRun:
-    """In-process: the store's experts as local modules."""
-    request = sample_request(strategy, n, steps, solver, seed, label, guidance, temperature)
+    """In-process: the store's experts as local modules; `options` as `sample_request`."""
+    request = sample_request(strategy, n, steps, **options)
     p = plan(request, experts, experts.num_experts, CLI_LIMITS)
     start = time.perf_counter()
     result = asyncio.run(run(p, experts, experts))

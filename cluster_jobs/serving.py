@@ -49,7 +49,13 @@ def connect_ray() -> bool:
     return True
 
 
-def _wait_ready(url: str, deadline: float) -> None:
+def _wait_ready(url: str, app_name: str, deadline: float) -> None:
+    """Until /readyz answers 200; Serve's messages about deployments that cannot start
+    (no resources for a replica, a constructor failing) are printed as they come, and a
+    failed deployment ends the wait with its message."""
+    from ray import serve
+
+    seen: set[str] = set()
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
@@ -57,7 +63,14 @@ def _wait_ready(url: str, deadline: float) -> None:
                     return
         except OSError:
             pass
-        time.sleep(0.5)
+        app = serve.status().applications.get(app_name)
+        for name, d in (app.deployments if app else {}).items():
+            if d.message and d.message not in seen:
+                seen.add(d.message)
+                print(f"{name}: {d.message}", file=sys.stderr, flush=True)
+            if d.status == "DEPLOY_FAILED":
+                raise DDMError(f"deployment {name} failed: {d.message.splitlines()[0][:300]}")
+        time.sleep(1)
     raise DDMError(f"the service at {url} did not become ready within {READY_TIMEOUT_S} s")
 
 
@@ -81,7 +94,7 @@ def serve_forever(args: AppArgs, host: str, port: int, access_log: bool = True) 
         serve.start(http_options={"host": host, "port": port})
         logging = {"enable_access_log": access_log}
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging)
-        _wait_ready(url, time.monotonic() + READY_TIMEOUT_S)
+        _wait_ready(url, APP_NAME, time.monotonic() + READY_TIMEOUT_S)
         print(f"serving {args.store} at {url} (Ctrl-C stops it)", flush=True)
         while True:
             time.sleep(1)

@@ -1,4 +1,5 @@
-"""`ddm submit`: one Ray job per expert (plus the router and the monolith), and `ddm jobs`.
+"""`ddm submit`: one Ray job per expert (plus the router, the monolith and the analysis'
+feature network), and `ddm jobs`.
 
 Each job is the same command a user could `ray job submit` by hand:
 `python -m cluster_jobs.train_expert --store URI --cluster K ...`. Submission ids are
@@ -61,7 +62,7 @@ def entrypoint(cfg: TrainConfig) -> str:
         value = getattr(cfg, name)
         if value is not None:
             args += [f"--{name.replace('_', '-')}", str(value)]
-    if cfg.kind != "router" and cfg.unconditional:
+    if cfg.kind in ("expert", "monolith") and cfg.unconditional:
         args.append("--unconditional")
     if cfg.restart:
         args.append("--restart")
@@ -81,7 +82,12 @@ class Submitted:
 
 
 def plan(
-    store: str, clusters: str, router: bool, monolith: bool, options: dict[str, Any]
+    store: str,
+    clusters: str,
+    router: bool,
+    monolith: bool,
+    options: dict[str, Any],
+    featnet: bool = False,
 ) -> list[TrainConfig]:
     """The configs to submit; validated against the store before anything is submitted."""
     manifest = DatasetManifest.load(open_store(store))
@@ -97,13 +103,16 @@ def plan(
     configs = [TrainConfig(kind="expert", store=store, cluster=k, **options) for k in ids]
     if monolith:
         configs.append(TrainConfig(kind="monolith", store=store, **options))
-    if router:
-        router_opts = {k: v for k, v in options.items() if k not in ("preset", "lr")}
-        configs.append(
-            TrainConfig(kind="router", store=store, preset="router-tiny", lr=1e-3, **router_opts)
-        )
+    classifier_opts = {k: v for k, v in options.items() if k not in ("preset", "lr")}
+    for kind, wanted in (("router", router), ("featnet", featnet)):
+        if wanted:
+            configs.append(
+                TrainConfig(
+                    kind=kind, store=store, preset="router-tiny", lr=1e-3, **classifier_opts
+                )
+            )
     if not configs:
-        raise DDMError("nothing to submit: give --clusters, --router or --monolith")
+        raise DDMError("nothing to submit: give --clusters, --router, --monolith or --featnet")
     for cfg in configs:
         validate(cfg)
     return configs

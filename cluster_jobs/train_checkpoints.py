@@ -26,6 +26,7 @@ from ddm_nodes.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
+from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.store import Store
 
@@ -76,6 +77,10 @@ def save_training_checkpoint(
         "kind": cfg.kind,
         "config_hash": cfg.config_hash(),
     }
+    if final and hasattr(task, "evaluate"):  # e.g. the featnet's held-out accuracy
+        training["evaluation"] = task.evaluate(
+            task.weights_module(ema), store, DatasetManifest.load(store)
+        )
     manifest = CheckpointManifest(
         kind=cfg.kind,
         cluster=cfg.cluster,

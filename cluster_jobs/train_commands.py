@@ -84,6 +84,14 @@ COMMANDS = {
         preset="router-tiny",
         lr=1e-3,
     ),
+    "featnet": _command(
+        "featnet",
+        "Train the analysis' feature network: a classifier of clean images (class labels, "
+        "else clusters) whose features FID, KID and precision/recall use.",
+        drop=("cluster", "unconditional"),
+        preset="router-tiny",
+        lr=1e-3,
+    ),
 }
 
 

@@ -4,6 +4,8 @@ weights. `kind` says what is trained:
     expert    flow matching on ONE cluster's shards (the DDM's isolated experts)
     monolith  flow matching on every cluster's shards (the paper's "Monolithic" row)
     router    cross-entropy p(cluster | x_t, t) on every cluster's shards
+    featnet   a classifier of clean images (class labels, else clusters) on every
+              cluster's shards: the analysis' feature network for FID, KID, precision
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ddm_nodes.checkpoint import (
+    FEATNET_PREFIX,
     MONOLITH_PREFIX,
     ROUTER_PREFIX,
     expert_prefix,
 )
 
-Kind = Literal["expert", "router", "monolith"]
+Kind = Literal["expert", "router", "monolith", "featnet"]
 DEFAULT_EXPERT_PRESET = "unet-tiny"
 DEFAULT_ROUTER_PRESET = "router-tiny"
 # How a run is carried out, not what it trains: left out of the config hash.
@@ -76,7 +79,7 @@ class TrainConfig(BaseModel):
     def prefix(self) -> str:
         if self.kind == "expert":
             return expert_prefix(self.cluster)
-        return ROUTER_PREFIX if self.kind == "router" else MONOLITH_PREFIX
+        return {"router": ROUTER_PREFIX, "featnet": FEATNET_PREFIX}.get(self.kind, MONOLITH_PREFIX)
 
     @property
     def name(self) -> str:

@@ -85,12 +85,47 @@ class RouterTask:
         }
 
 
+class FeatnetTask(RouterTask):
+    """Cross-entropy on clean images (t = 0) for the class label, or the cluster when the
+    data set has no labels; its final checkpoint records the held-out accuracy."""
+
+    def __init__(self, cfg: TrainConfig, manifest: DatasetManifest):
+        super().__init__(cfg, manifest)
+        self.target = "label" if manifest.labelled else "cluster"
+        self.num_clusters = len(manifest.class_names) if manifest.labelled else self.num_clusters
+
+    def loss(self, model, batch, gen: torch.Generator) -> torch.Tensor:
+        x0 = batch["image"]
+        dev = _device_of(model)
+        logits = model(x0.to(dev), torch.zeros(x0.shape[0], device=dev))
+        return torch.nn.functional.cross_entropy(logits.float(), batch[self.target].to(dev))
+
+    def spec_json(self) -> dict[str, Any]:
+        return {**super().spec_json(), "target": self.target}
+
+    def evaluate(self, model, store: Store, manifest: DatasetManifest) -> dict[str, Any]:
+        """Held-out accuracy of the (EMA) classifier."""
+        right = total = 0
+        model.eval()
+        with torch.no_grad():
+            clusters = range(manifest.num_clusters)
+            heldout = clusters_dataset(store, clusters, "heldout", manifest=manifest)
+            for batch in _batched(heldout, 256):
+                x0 = batch["image"].to(_device_of(model))
+                logits = model(x0, torch.zeros(x0.shape[0], device=x0.device))
+                right += int((logits.argmax(-1).cpu() == batch[self.target]).sum())
+                total += x0.shape[0]
+        return {"heldout_accuracy": right / max(total, 1), "heldout_images": total}
+
+
 def make_task(cfg: TrainConfig, manifest: DatasetManifest) -> FlowTask | RouterTask:
     if cfg.kind == "expert" and not 0 <= cfg.cluster < manifest.num_clusters:
         raise DDMError(
             f"--cluster {cfg.cluster} is out of range: the store has clusters "
             f"0..{manifest.num_clusters - 1}"
         )
+    if cfg.kind == "featnet":
+        return FeatnetTask(cfg, manifest)
     return RouterTask(cfg, manifest) if cfg.kind == "router" else FlowTask(cfg, manifest)
 
 

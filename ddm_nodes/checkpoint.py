@@ -42,7 +42,7 @@ TRAINING_FILE = "training.json"
 STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
 MODEL_CLASSES: dict[str, type] = {**DENOISER_CLASSES, RouterNet.__name__: RouterNet}
-Kind = Literal["expert", "router", "monolith"]
+Kind = Literal["expert", "router", "monolith", "featnet"]
 
 
 def expert_prefix(cluster: int) -> str:
@@ -51,6 +51,7 @@ def expert_prefix(cluster: int) -> str:
 
 ROUTER_PREFIX = "router"
 MONOLITH_PREFIX = "monolith"
+FEATNET_PREFIX = "featnet"
 
 
 class CheckpointManifest(BaseModel):

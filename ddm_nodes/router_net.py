@@ -3,6 +3,10 @@
 Trained with cross-entropy on the cluster label of x_0 over every cluster's data (as in
 Paris and McAllister et al.). It is a diffusers `ModelMixin` so it saves and loads exactly
 like an expert: `config.json` + `diffusion_pytorch_model.safetensors`.
+
+The same network trained at t = 0 on the data set's class labels is the feature network
+of the analysis (`featnet`): FID, KID and precision/recall are computed in its pooled
+features (`features`), as is usual for small data sets where Inception does not apply.
 """
 
 from __future__ import annotations
@@ -99,11 +103,15 @@ class RouterNet(ModelMixin, ConfigMixin):
         p = get_router_preset(name)
         return cls(in_channels, num_clusters, p.widths, p.time_dim)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def features(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The pooled last-block activations the head classifies: (N, widths[-1])."""
         temb = self.time_mlp(
             timestep_embedding(t.reshape(-1).expand(x_t.shape[0]), self.config.time_dim)
         )  # (N, T)
         h = self.stem(x_t)
         for block in self.blocks:
             h = block(h, temb)
-        return self.out(self.head(h).mean(dim=(2, 3)))  # (N, K)
+        return self.head(h).mean(dim=(2, 3))  # (N, C)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(x_t, t))  # (N, K)

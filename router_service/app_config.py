@@ -40,7 +40,7 @@ class BatchConfig(BaseModel):
 
     max_batch: int = Field(64, ge=1, le=65536, description="most samples per forward pass")
     batch_wait_timeout_s: float = Field(
-        0.002, ge=0, le=10, description="how long a forward waits to fill its batch"
+        0.005, ge=0, le=10, description="how long a forward waits to fill its batch"
     )
 
 
@@ -54,9 +54,11 @@ class AppArgs(BaseModel):
     )
     autoscaling: Autoscaling | None = Field(None, description="autoscale experts instead")
     device: Literal["cpu", "cuda"] = Field("cpu", description="where experts run")
-    expert_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs per expert replica")
+    # Ray's CPU accounting only places replicas; small shares let K=8 experts, the router
+    # and a training job fit a 2-CPU head (the OS shares the cores among busy replicas).
+    expert_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs per expert replica")
     expert_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per expert replica")
-    router_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs of the router replica")
+    router_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs of the router replica")
     torch_threads: int = Field(1, ge=1, le=256, description="torch threads per replica")
     max_batch: int = BatchConfig.model_fields["max_batch"]
     batch_wait_timeout_s: float = BatchConfig.model_fields["batch_wait_timeout_s"]

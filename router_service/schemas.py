@@ -136,6 +136,13 @@ class Timing(BaseModel):
     total_s: float
     per_step_ms: float
     queued_s: float = Field(description="time spent waiting for a sampling slot")
+    evaluation_ms_p50: float = Field(description="one routed evaluation (route, fan out, merge)")
+    evaluation_ms_p95: float
+    router_ms_p50: float = Field(
+        description="an evaluation minus the longest expert call it awaited: routing, "
+        "grouping, merging in the router"
+    )
+    router_ms_p95: float
 
 
 class SampleResponse(BaseModel):

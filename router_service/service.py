@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,7 +25,7 @@ from ddm_nodes.pixels import npy_bytes, pngs
 from router_service import engine
 from router_service.metrics import RouterMetrics, expert_name
 from router_service.policies import get_policy
-from router_service.sampler import SampleResult
+from router_service.sampler import EvaluationStats, SampleResult
 from router_service.schemas import (
     ExpertsResponse,
     ExpertStatus,
@@ -121,12 +122,12 @@ class SamplingService:
             request, self.models, self.experts.num_experts, self.limits, self.default_strategy
         )
         strategy = plan.policy.name
-        hook = None
-        if self.metrics is not None:
-            metrics = self.metrics
+        evaluations: list[EvaluationStats] = []
 
-            def hook(stats):
-                metrics.evaluation(strategy, stats)
+        def hook(stats: EvaluationStats) -> None:
+            evaluations.append(stats)
+            if self.metrics is not None:
+                self.metrics.evaluation(strategy, stats)
 
         start = time.perf_counter()
         async with self.admission.slot() as queued:
@@ -138,10 +139,19 @@ class SamplingService:
         total = time.perf_counter() - start
         if result.missing_experts and self.metrics is not None:
             self.metrics.degraded_request(result.missing_experts)
+        steps_ms = [1000 * e.seconds for e in evaluations]
+        # the router's own share of an evaluation: all but the longest expert call it awaited
+        router_ms = [
+            1000 * (e.seconds - max(e.expert_seconds.values(), default=0.0)) for e in evaluations
+        ]
         timing = Timing(
             total_s=round(total, 4),
             per_step_ms=round(1000 * (total - queued) / request.steps, 3),
             queued_s=round(queued, 4),
+            evaluation_ms_p50=_quantile(steps_ms, 0.5),
+            evaluation_ms_p95=_quantile(steps_ms, 0.95),
+            router_ms_p50=_quantile(router_ms, 0.5),
+            router_ms_p95=_quantile(router_ms, 0.95),
         )
         return Sampled(plan, result, timing)
 
@@ -240,6 +250,14 @@ class SamplingService:
         info = await self.experts_info()
         down = [e.name for e in info.experts if not e.healthy]
         return (not down, f"no healthy replica: {', '.join(down)}" if down else "ready")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Nearest-rank quantile, 3 decimals (0.0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 3)
 
 
 def _healthy(experts: Any, k: int) -> bool:

@@ -211,3 +211,24 @@ def ray_head(tmp_path_factory):
     finally:
         down = run_ddm("cluster", "down", env=env)
         assert down.returncode == 0, down.stderr
+
+
+def build_tiny_ddm(root: str | Path, clusters: int, image_size: int, router_lr=1e-3) -> str:
+    """A real, tiny DDM store: digits in `clusters` clusters at image_size x image_size, one
+    dit-tiny expert per cluster and a router-tiny router, each trained 3 steps."""
+    from cluster_jobs.prepare import PrepareConfig, prepare
+    from cluster_jobs.train_config import TrainConfig
+    from cluster_jobs.training import train_local
+
+    root = str(root)
+    prepare(
+        PrepareConfig(
+            dataset="digits", clusters=clusters, store=root, image_size=image_size, workers=1
+        )
+    )
+    common = dict(store=root, steps=3, batch_size=8, checkpoint_every=3, cpus_per_worker=1)
+    for k in range(clusters):
+        train_local(TrainConfig(kind="expert", cluster=k, preset="dit-tiny", **common))
+    lr = {} if router_lr is None else {"lr": router_lr}
+    train_local(TrainConfig(kind="router", preset="router-tiny", **lr, **common))
+    return root

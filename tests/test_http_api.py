@@ -16,13 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import build_tiny_ddm
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cluster_jobs.prepare import PrepareConfig, prepare
 from cluster_jobs.sampling import run_sample
-from cluster_jobs.train_config import TrainConfig
-from cluster_jobs.training import train_local
 from ddm_nodes.pixels import from_npy
 from router_service import engine
 from router_service.http_api import UNAVAILABLE_RETRY_AFTER_S, make_api
@@ -55,13 +53,7 @@ FASHION = [
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("http-api") / "store"
-    prepare(
-        PrepareConfig(dataset="digits", clusters=K, store=str(root), image_size=SIZE, workers=1)
-    )
-    common = dict(store=str(root), steps=3, batch_size=8, checkpoint_every=3, cpus_per_worker=1)
-    for k in range(K):
-        train_local(TrainConfig(kind="expert", cluster=k, preset="dit-tiny", **common))
-    train_local(TrainConfig(kind="router", preset="router-tiny", lr=1e-3, **common))
+    build_tiny_ddm(root, clusters=K, image_size=SIZE)
     return root
 
 
@@ -512,3 +504,56 @@ def test_readiness_and_expert_health_follow_the_backend(experts):
     assert "expert-001" in ready.json()["detail"]
     health = [e["healthy"] for e in client.get("/v1/experts").json()["experts"]]
     assert health == [True, False, True]
+
+
+# --- the expert deployment's class, driven without Serve ----------------------------------
+
+
+def test_expert_replica_batches_concurrent_sub_batches_at_different_steps(
+    store, experts, monkeypatch
+):
+    """@serve.batch stacks sub-batches of concurrent calls (each at its own t) into one
+    forward; reconfigure (the user_config path) changes the batch limit; a sub-batch over
+    the limit goes in pieces; every answer equals the in-process expert's."""
+    from ray.serve import batching as serve_batching
+
+    from router_service.deployments import ExpertServer
+
+    # outside a replica there is no replica context for Serve's max_ongoing_requests hint
+    monkeypatch.setattr(
+        serve_batching._BatchQueue,
+        "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+        lambda self: None,
+    )
+
+    replica = ExpertServer.func_or_class(str(store), 1, "cpu", 1)
+    forwards: list[int] = []
+    model = replica.expert
+
+    def counting(x, t, y):
+        forwards.append(len(x))
+        return model(x, t, y)
+
+    replica.expert = counting
+    g = torch.Generator().manual_seed(0)
+    subs = [
+        (torch.randn(n, 1, SIZE, SIZE, generator=g), torch.full((n,), t))
+        for n, t in [(2, 0.9), (3, 0.4)]
+    ]
+
+    async def concurrently(max_batch: int, wait: float):
+        replica.reconfigure({"max_batch": max_batch, "batch_wait_timeout_s": wait})
+        forwards.clear()
+        outs = await asyncio.gather(*(replica.predict(x.numpy(), t.numpy(), None) for x, t in subs))
+        return outs, list(forwards)
+
+    async def both():  # one event loop: the batch queue lives in it
+        return await concurrently(8, 0.2), await concurrently(2, 0.0)
+
+    (outs, batched), (pieces, split_up) = asyncio.run(both())
+    assert batched == [5]  # one forward for both requests
+    for (x, t), v in zip(subs, outs, strict=True):
+        expected = experts.predict(1, x, t.float(), None)
+        torch.testing.assert_close(torch.from_numpy(v), expected, atol=1e-5, rtol=1e-5)
+    assert sorted(split_up) == [1, 2, 2]  # limit 2: the 3-sample sub-batch went in pieces
+    assert [len(v) for v in pieces] == [2, 3]

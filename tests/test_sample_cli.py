@@ -8,12 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_ddm
 from PIL import Image
 
-from cluster_jobs.prepare import PrepareConfig, prepare
 from cluster_jobs.sampling import run_sample
-from cluster_jobs.train_config import TrainConfig
-from cluster_jobs.training import train_local
 from router_service.local_experts import LocalExperts
 
 K, SIZE = 8, 16
@@ -21,13 +19,7 @@ K, SIZE = 8, 16
 
 @pytest.fixture(scope="module")
 def ddm_store(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("sample") / "store")
-    prepare(PrepareConfig(dataset="digits", clusters=K, store=root, image_size=SIZE, workers=1))
-    common = dict(store=root, steps=3, batch_size=8, checkpoint_every=3, cpus_per_worker=1)
-    for k in range(K):
-        train_local(TrainConfig(kind="expert", cluster=k, preset="dit-tiny", **common))
-    train_local(TrainConfig(kind="router", preset="router-tiny", lr=1e-3, **common))
-    return root
+    return build_tiny_ddm(tmp_path_factory.mktemp("sample") / "store", K, SIZE)
 
 
 def test_sample_writes_a_grid_and_arrays_reproducibly(ddm_store, tmp_path, ddm):

@@ -542,16 +542,10 @@ def test_router_service_imports_no_cluster_jobs_and_only_its_serve_shell_imports
 @pytest.fixture(scope="module")
 def trained_store(tmp_path_factory) -> Path:
     """digits at 16x16, K=2, both experts and the router trained for 3 steps. Read-only."""
-    from cluster_jobs.prepare import PrepareConfig, prepare
-    from cluster_jobs.train_config import TrainConfig
-    from cluster_jobs.training import train_local
+    from conftest import build_tiny_ddm
 
     root = tmp_path_factory.mktemp("local-experts") / "store"
-    prepare(PrepareConfig(dataset="digits", clusters=2, store=str(root), image_size=16, workers=1))
-    common = dict(store=str(root), steps=3, batch_size=8, checkpoint_every=3)
-    for k in range(2):
-        train_local(TrainConfig(kind="expert", cluster=k, preset="dit-tiny", **common))
-    train_local(TrainConfig(kind="router", preset="router-tiny", **common))
+    build_tiny_ddm(root, clusters=2, image_size=16, router_lr=None)
     return root
 
 

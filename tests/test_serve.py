@@ -25,12 +25,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import build_tiny_ddm, free_port
 
-from cluster_jobs.prepare import PrepareConfig, prepare
 from cluster_jobs.sampling import run_remote_sample, run_sample, sample_request
-from cluster_jobs.train_config import TrainConfig
-from cluster_jobs.training import train_local
 from ddm_nodes.checkpoint import WEIGHTS_FILE, expert_prefix
 from router_service.local_experts import LocalExperts
 
@@ -50,13 +47,7 @@ APP_CONFIG = {
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("serve") / "store")
-    prepare(PrepareConfig(dataset="digits", clusters=K, store=root, image_size=SIZE, workers=1))
-    common = dict(store=root, steps=3, batch_size=8, checkpoint_every=3, cpus_per_worker=1)
-    for k in range(K):
-        train_local(TrainConfig(kind="expert", cluster=k, preset="dit-tiny", **common))
-    train_local(TrainConfig(kind="router", preset="router-tiny", lr=1e-3, **common))
-    return root
+    return build_tiny_ddm(tmp_path_factory.mktemp("serve") / "store", K, SIZE)
 
 
 def _cluster_info(env: dict) -> dict:

@@ -1,0 +1,289 @@
+"""`ddm analyze`: reproduce the paper's analyses on a trained DDM in a store.
+
+For every strategy (and the monolith, if asked) and every seed: sample `n` images through
+the one sampler, embed them with the store's feature network and score them against the
+held-out split (quality.py). On seed 0, for every strategy: trajectory sensitivity and
+numerical convergence (stability.py), expert-data alignment of traced trajectories, and
+expert disagreement with every expert's prediction recorded (alignment.py). Once: router
+accuracy against t and every expert's velocity error on noised held-out images.
+
+Writes DIR/results.json (every figure with its definition id and the settings),
+DIR/report.md (the table, one sentence per analysis, the paper's figures beside ours) and
+PNG plots (report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cluster_jobs import alignment, quality, stability
+from cluster_jobs.sampling import grid_png, write_atomic
+from ddm_nodes.checkpoint import MONOLITH_PREFIX, load_model
+from ddm_nodes.errors import DDMError
+from ddm_nodes.experts import Expert, ExpertSpec
+from ddm_nodes.store import open_store
+from router_service.local_experts import LocalExperts
+from router_service.policies import RoutingError, get_policy
+from router_service.sampler import initial_noise, sample, time_grid
+
+DEFAULT_STRATEGIES = ["full", "top-1", "top-2", "threshold-0.2", "nearest-centroid", "uniform"]
+MONOLITH = "monolith"
+CHUNK = 250  # images per sampling call: bounds memory, not results
+ERROR_T = [0.1, 0.3, 0.5, 0.7, 0.9]
+PAPER = {
+    "system": "Paris, 8 DiT-B/2 experts, LAION-Art (Roy et al. 2026)",
+    "fid": {"monolith": 29.64, "top-1": 30.60, "top-2": 22.60, "full": 47.89},
+    "delta_refine": {"top-2": 0.051, "full": 0.020},
+}
+
+
+class AnalyzeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    store: str
+    out: str
+    strategies: list[str] = Field(default_factory=lambda: list(DEFAULT_STRATEGIES))
+    include_monolith: bool = False
+    n: int = Field(1000, ge=10, le=100_000, description="images per strategy and seed")
+    steps: int = Field(50, ge=1, le=1000)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    stability_n: int = Field(200, ge=2, description="trajectories for stability")
+    alignment_n: int = Field(200, ge=2, description="traced trajectories for alignment")
+    disagreement_n: int = Field(64, ge=3, description="trajectories with every expert traced")
+    accuracy_n: int = Field(256, ge=8, description="held-out images for expert errors")
+    eps: float = Field(1e-3, gt=0, le=1, description="RMS per pixel of the perturbation δ")
+    knn: int = Field(5, ge=1, description="neighbours for kNN cluster distances")
+    train_per_cluster: int = Field(500, ge=10, description="training features per cluster")
+    quick: bool = False
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            policy = get_policy(name)  # RoutingError (a ValueError) names the forms
+            if policy.needs == "oracle":
+                raise ValueError("oracle needs true clusters; it is not a sampling strategy")
+        return [get_policy(name).name for name in v]
+
+    @classmethod
+    def quick_settings(cls) -> dict[str, Any]:
+        """Small enough for CI on 2 cores: under 5 minutes on a tiny store."""
+        return dict(
+            n=64,
+            steps=8,
+            stability_n=16,
+            alignment_n=16,
+            disagreement_n=8,
+            accuracy_n=32,
+            train_per_cluster=50,
+            quick=True,
+        )
+
+
+def _say(message: str) -> None:
+    print(f"[analyze {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class _Monolith:
+    """The monolith as a one-expert backend (and its `models`: no router, no features)."""
+
+    def __init__(self, store, image_shape):
+        loaded = load_model(store, MONOLITH_PREFIX, kind="monolith")
+        self.expert = Expert(loaded.model, ExpertSpec(**loaded.training["model"])).eval()
+        self.image_shape = image_shape
+        self.router = None
+        self.features = None
+        self.num_experts = 1
+
+    def predict(self, expert_id, x_t, t, y=None):
+        with torch.no_grad():
+            return self.expert(x_t, t, y)
+
+
+def _sample_images(experts, models, policy: str, n: int, steps: int, seed: int):
+    """n images in chunks; returns (images, mean experts per step)."""
+    x_T = initial_noise(n, models.image_shape, seed)
+    images, per_step = [], []
+    for x in x_T.split(CHUNK):
+        r = sample(experts, models.router, policy, x, time_grid(steps), features=models.features)
+        images.append(r.images)
+        per_step.append(r.experts_per_step * len(x))
+    return torch.cat(images), sum(per_step) / n
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return {"mean": mean, "std": math.sqrt(var), "per_seed": values}
+
+
+def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
+    start = time.perf_counter()
+    store = open_store(cfg.store)
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    featnet = quality.FeatNet.load(store)
+    experts = LocalExperts(store)
+    K = experts.num_experts
+    for name in cfg.strategies:
+        try:
+            get_policy(name).check_experts(K)
+        except RoutingError as e:
+            raise DDMError(f"--strategies: {e}") from None
+        if get_policy(name).needs == "router" and experts.router is None:
+            raise DDMError(f"--strategies {name} needs a router; the store has none")
+    manifest = experts.manifest
+    _say(f"{store.uri}: K={K}, featnet held-out accuracy {featnet.heldout_accuracy}")
+
+    real_images, clusters, labels = alignment.heldout(store, manifest, limit=100_000)
+    real_feats, _ = featnet.embed(real_images)
+    _say(f"{len(real_images)} held-out images embedded")
+    bank = alignment.train_features(store, manifest, experts.features, cfg.train_per_cluster)
+
+    runs: list[tuple[str, Any, Any]] = [(s, experts, experts) for s in cfg.strategies]
+    if cfg.include_monolith:
+        mono = _Monolith(store, experts.image_shape)
+        runs.append((MONOLITH, mono, mono))
+
+    results: dict[str, Any] = {}
+    for name, backend, models in runs:
+        policy = "uniform" if name == MONOLITH else name
+        row: dict[str, Any] = {}
+        metrics: dict[str, list[float]] = {}
+        for seed in cfg.seeds:
+            _say(f"{name} seed {seed}: sampling {cfg.n} images, {cfg.steps} steps")
+            images, per_step = _sample_images(backend, models, policy, cfg.n, cfg.steps, seed)
+            fake, confidence = featnet.embed(images)
+            fid, kid = quality.fid_kid(real_feats, fake)
+            scores = {"fid": fid, "kid": kid, **quality.prdc(real_feats, fake)}
+            scores["confidence"] = float(confidence.mean())
+            for k, v in scores.items():
+                metrics.setdefault(k, []).append(v)
+            row["experts_per_step"] = per_step
+            if seed == cfg.seeds[0]:
+                write_atomic(out / f"samples-{name}.png", grid_png(images[:64]))
+        row["quality"] = {k: _spread(v) for k, v in metrics.items()}
+
+        seed = cfg.seeds[0]
+        _say(f"{name}: stability on {cfg.stability_n} trajectories")
+        x_T = initial_noise(cfg.stability_n, experts.image_shape, seed)
+        sens = stability.trajectory_sensitivity(
+            backend, models, policy, x_T, cfg.steps, cfg.eps, seed
+        )
+        refine = stability.delta_refine(backend, models, policy, x_T, cfg.steps)
+        row["stability"] = stability.stability_report(sens, refine)
+
+        if name != MONOLITH:
+            _say(f"{name}: alignment and disagreement")
+            x_T = initial_noise(cfg.alignment_n, experts.image_shape, seed + 1)
+            traced = sample(
+                experts,
+                experts.router,
+                policy,
+                x_T,
+                time_grid(cfg.steps),
+                features=experts.features,
+                trace=True,
+            )
+            row["alignment"] = alignment.trace_alignment(traced, experts.features, bank, cfg.knn)
+            x_T = initial_noise(cfg.disagreement_n, experts.image_shape, seed + 2)
+            everyone = sample(
+                experts,
+                experts.router,
+                policy,
+                x_T,
+                time_grid(cfg.steps),
+                features=experts.features,
+                trace_all_experts=True,
+            )
+            dis = alignment.disagreement(everyone)
+            final_feats, final_conf = featnet.embed(everyone.images)
+            nearest = quality.nearest_real_distance(real_feats, final_feats)
+            row["disagreement"] = {
+                "all_mean_degrees": dis["all_mean"],
+                "selected_mean_degrees": dis["selected_mean"],
+                "all_by_bucket": dis["all_by_bucket"],
+                "spearman_all_vs_nearest_distance": alignment.spearman(
+                    dis["all_per_sample"], nearest
+                ),
+                "spearman_selected_vs_nearest_distance": alignment.spearman(
+                    dis["selected_per_sample"], nearest
+                ),
+                "spearman_all_vs_confidence": alignment.spearman(dis["all_per_sample"], final_conf),
+            }
+        results[name] = row
+
+    per_cluster = max(1, cfg.accuracy_n // K)
+    pick = torch.cat([(clusters == k).nonzero().squeeze(1)[:per_cluster] for k in range(K)])
+    router_acc, errors = None, None
+    if experts.router is not None:
+        _say("router accuracy against t")
+        router_acc = alignment.router_accuracy(
+            experts.router, real_images[pick], clusters[pick], cfg.seeds[0]
+        )
+        _say(f"every expert's velocity error on {len(pick)} held-out images")
+        y = labels[pick] if experts.conditional else None
+        cases, errs = alignment.expert_errors(experts, real_images[pick], y, ERROR_T, 17)
+        errors = {}
+        for name in cfg.strategies:
+            errors[name] = alignment.selected_vs_not(
+                experts.router, experts.features, name, cases, errs, clusters[pick]
+            )
+            results[name]["accuracy"] = errors[name]
+
+    report = {
+        "settings": cfg.model_dump(),
+        "store": store.uri,
+        "num_experts": K,
+        "featnet": {"heldout_accuracy": featnet.heldout_accuracy, "dims": featnet.dims},
+        "heldout_images": len(real_images),
+        "definitions": DEFINITIONS,
+        "strategies": results,
+        "router_accuracy_by_t": router_acc,
+        "paper": PAPER,
+        "seconds": time.perf_counter() - start,
+    }
+    write_atomic(out / "results.json", json.dumps(report, indent=2, default=float).encode())
+    from cluster_jobs.report import write_report
+
+    write_report(report, out)
+    _say(f"wrote {out}/results.json, report.md and plots in {report['seconds']:.0f} s")
+    return report
+
+
+DEFINITIONS = {
+    "quality.fid": "Fréchet distance of featnet features, generated vs held-out (torchmetrics)",
+    "quality.kid": "kernel inception distance (polynomial-kernel MMD^2) of featnet features",
+    "quality.precision": "share of generated samples inside a real sample's k-NN ball (k=5)",
+    "quality.recall": "share of real samples inside a generated sample's k-NN ball (k=5)",
+    "quality.density": "mean number of real k-NN balls holding a generated sample, / k",
+    "quality.coverage": "share of real samples whose k-NN ball holds a generated sample",
+    "quality.confidence": "featnet's mean max-softmax on generated samples",
+    "stability.amplification": "||x_0(x_T + δ) - x_0(x_T)|| / ||δ||, δ of RMS eps per pixel",
+    "stability.l_eff": "geometric mean over steps of ||Δx_{i+1}|| / ||Δx_i||",
+    "stability.delta_refine": "||x_0^N - x_0^{2N}|| / ||x_0^{2N}||, same noise",
+    "stability.flipped_fraction": "share of trajectories whose routing decisions change under δ",
+    "alignment.centroid_rate": "share of (sample, step) whose top-weighted expert is the "
+    "cluster with the nearest centroid to x̂_0 = x_t - t v",
+    "alignment.knn_rate": "the same with the smallest mean distance to the k nearest "
+    "training features of each cluster",
+    "alignment.router_accuracy_by_t": "router argmax vs true cluster on noised held-out images",
+    "accuracy.ratio": "selected experts' mean velocity MSE / non-selected experts' mean MSE on "
+    "noised held-out images (router policies: the router's probabilities at (x_t, t); "
+    "nearest-centroid: distances of x̂_0 from the experts' mean velocity; uniform: none)",
+    "accuracy.oracle_mean": "the true cluster's expert's mean velocity MSE",
+    "disagreement.all_mean_degrees": "mean angle between each expert's velocity and the mean "
+    "of all experts' velocities, per sample and step",
+    "disagreement.selected_mean_degrees": "the same among the selected experts (>= 2)",
+    "disagreement.spearman_*": "Spearman correlation of per-sample disagreement with the "
+    "final sample's distance to its nearest held-out feature (larger: worse) or featnet "
+    "confidence",
+}

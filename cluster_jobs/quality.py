@@ -1,0 +1,118 @@
+"""Sample quality in the feature network's space (the store's `featnet`, trained on the data
+set itself: Inception weights cannot be downloaded here, and small grey images are not
+what Inception sees anyway).
+
+    FID        Fréchet distance between Gaussians fitted to real and generated features
+               (torchmetrics' FrechetInceptionDistance over our features)
+    KID        unbiased polynomial-kernel MMD^2 (torchmetrics' KernelInceptionDistance)
+    precision  share of generated samples inside the k-NN ball of some real sample
+    recall     share of real samples inside the k-NN ball of some generated sample
+               (Kynkäänniemi et al. 2019)
+    density    expected count of real k-NN balls holding a generated sample, / k
+    coverage   share of real samples whose k-NN ball holds a generated sample
+               (Naeem et al. 2020); k = PRDC_K
+
+Per sample: the distance to the nearest real (held-out) feature and the feature network's
+confidence (max softmax), for correlating quality with per-sample routing statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddm_nodes.checkpoint import FEATNET_PREFIX, load_model
+from ddm_nodes.errors import DDMError
+from ddm_nodes.router_net import RouterNet
+from ddm_nodes.store import Store
+
+PRDC_K = 5
+
+
+class _Given(nn.Module):
+    """Features already computed: what torchmetrics' metrics call their "feature" net."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+@dataclass
+class FeatNet:
+    """The store's feature network and its held-out accuracy."""
+
+    net: RouterNet
+    heldout_accuracy: float | None
+
+    @classmethod
+    def load(cls, store: Store) -> FeatNet:
+        if not store.exists(f"{FEATNET_PREFIX}/manifest.json"):
+            raise DDMError(
+                f"store {store.uri} has no feature network: train it with "
+                f"`ddm train featnet --store {store.uri}`"
+            )
+        loaded = load_model(store, FEATNET_PREFIX, kind="featnet")
+        accuracy = loaded.training.get("evaluation", {}).get("heldout_accuracy")
+        return cls(loaded.model.eval(), accuracy)
+
+    @property
+    def dims(self) -> int:
+        return int(self.net.config.widths[-1])
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, C, H, W) in [-1, 1] -> (features (N, D) float64, confidence (N,))."""
+        feats, conf = [], []
+        for x in images.split(batch):
+            f = self.net.features(x.float(), torch.zeros(x.shape[0]))
+            feats.append(f.double())
+            conf.append(torch.softmax(self.net.out(f), dim=-1).max(dim=-1).values)
+        return torch.cat(feats), torch.cat(conf)
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50) -> tuple[float, float]:
+    """(FID, KID mean) between feature sets (N, D), through torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    given = _Given(real.shape[1])
+    fid = FrechetInceptionDistance(feature=given, normalize=False)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    size = min(len(real), len(fake), 1000)
+    kid = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=subsets, subset_size=size)
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    kid_mean, _ = kid.compute()
+    return float(fid.compute()), float(kid_mean)
+
+
+def _kth_radius(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each row to its k-th nearest other row."""
+    d = torch.cdist(x, x)
+    return d.kthvalue(k + 1, dim=1).values  # +1: the row itself at distance 0
+
+
+def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = PRDC_K) -> dict[str, float]:
+    """Precision, recall, density and coverage of `fake` against `real` (N, D) features."""
+    if min(len(real), len(fake)) <= k:
+        raise DDMError(f"precision/recall need more than k={k} samples on each side")
+    real_r, fake_r = _kth_radius(real, k), _kth_radius(fake, k)
+    d = torch.cdist(real, fake)  # (N_real, N_fake)
+    inside_real = d < real_r[:, None]
+    return {
+        "precision": float(inside_real.any(dim=0).double().mean()),
+        "recall": float((d < fake_r[None, :]).any(dim=1).double().mean()),
+        "density": float(inside_real.double().sum() / (k * len(fake))),
+        "coverage": float((d.min(dim=1).values < real_r).double().mean()),
+    }
+
+
+def nearest_real_distance(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """(N_fake,) distance of each generated sample to its nearest real feature."""
+    return torch.cdist(fake, real).min(dim=1).values
