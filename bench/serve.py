@@ -110,6 +110,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from cluster_jobs.sampling import run_sample
+    from router_service.app_config import BatchConfig
     from router_service.local_experts import LocalExperts
 
     store = args.store or build_store(args.train_steps)
@@ -209,7 +210,7 @@ def main() -> None:
                 "requests_per_client": args.requests,
                 "steps": args.steps,
                 "replicas_per_expert": 1,
-                "batch_wait_timeout_s": args.batch_wait or 0.002,
+                "batch_wait_timeout_s": args.batch_wait or BatchConfig().batch_wait_timeout_s,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                 "strategies": rows,
                 "target": "served >= 0.7x in-process at concurrency 8",

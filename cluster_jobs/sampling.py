@@ -9,6 +9,8 @@ import base64
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from ddm_nodes.pixels import from_npy, png_bytes, to_uint8
 from ddm_nodes.store import LocalStore
 from router_service.engine import plan, run
 from router_service.local_experts import LocalExperts
-from router_service.schemas import Limits, SampleRequest, SampleResponse, parse
+from router_service.schemas import Limits, RequestError, SampleRequest, SampleResponse, parse
 
 CLI_LIMITS = Limits(max_n=4096, max_steps=1000)
 
@@ -50,9 +52,20 @@ def sample_request(
     """The CLI's options as the request body both backends take (strict: bad input exits 2)."""
     body = dict(strategy=strategy, n=n, steps=steps, solver=solver, seed=seed, label=label)
     body.update(guidance=float(guidance), temperature=temperature, format="npy")
-    request = parse(SampleRequest, body)
-    CLI_LIMITS.check(request.n, request.steps, "--n", "--steps")
+    with cli_flags():
+        request = parse(SampleRequest, body)
+        CLI_LIMITS.check(request.n, request.steps)
     return request
+
+
+@contextmanager
+def cli_flags() -> Iterator[None]:
+    """A RequestError names a request field; on the command line, name its flag."""
+    try:
+        yield
+    except RequestError as e:
+        flag = f"--{e.field.replace('_', '-')}: " if e.field else ""
+        raise DDMError(flag + str(e).removeprefix(f"{e.field}: ")) from None
 
 
 def run_sample(
@@ -60,7 +73,8 @@ def run_sample(
 ) -> SampleRun:
     """In-process: the store's experts as local modules; `options` as `sample_request`."""
     request = sample_request(strategy, n, steps, **options)
-    p = plan(request, experts, experts.num_experts, CLI_LIMITS)
+    with cli_flags():
+        p = plan(request, experts, experts.num_experts, CLI_LIMITS)
     start = time.perf_counter()
     result = asyncio.run(run(p, experts, experts))
     return SampleRun(

@@ -121,7 +121,9 @@ def plan(
     if label is not None and not models.conditional:
         raise RequestError("label", "the experts were trained without labels; omit it")
     if request.guidance != 1.0 and label is None:
-        raise RequestError("guidance", "needs a label (classifier-free guidance is per class)")
+        raise RequestError(
+            "guidance", "needs a label: classifier-free guidance is per class (label / --label)"
+        )
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED)
     return Plan(request, policy, label, seed)
 

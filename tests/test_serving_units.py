@@ -530,8 +530,14 @@ def test_expert_options_replicas_overrides_and_autoscaling(no_env_key):
     assert first["name"] == "expert-000" and first["num_replicas"] == 2
     assert second["name"] == "expert-001" and second["num_replicas"] == 4
     assert "autoscaling_config" not in first
-    assert first["user_config"] == {"max_batch": 64, "batch_wait_timeout_s": 0.002}
-    assert first["ray_actor_options"] == {"num_cpus": 0.25, "num_gpus": 0.0}
+    assert first["user_config"] == {
+        "max_batch": 64,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s,
+    }
+    assert first["ray_actor_options"] == {
+        "num_cpus": AppArgs.model_fields["expert_num_cpus"].default,
+        "num_gpus": 0.0,
+    }
 
     scaled = AppArgs(
         store="/s",
