@@ -32,7 +32,7 @@ from ddm_nodes.experts import Expert, ExpertSpec
 from ddm_nodes.store import open_store
 from router_service.local_experts import LocalExperts
 from router_service.policies import RoutingError, get_policy
-from router_service.sampler import initial_noise, sample, time_grid
+from router_service.sampler import initial_noise
 
 DEFAULT_STRATEGIES = ["full", "top-1", "top-2", "threshold-0.2", "nearest-centroid", "uniform"]
 MONOLITH = "monolith"
@@ -113,7 +113,7 @@ def _sample_images(experts, models, policy: str, n: int, steps: int, seed: int):
     x_T = initial_noise(n, models.image_shape, seed)
     images, per_step = [], []
     for x in x_T.split(CHUNK):
-        r = sample(experts, models.router, policy, x, time_grid(steps), features=models.features)
+        r = stability.run(experts, models, policy, x, steps)
         images.append(r.images)
         per_step.append(r.experts_per_step * len(x))
     return torch.cat(images), sum(per_step) / n
@@ -184,25 +184,11 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
         if name != MONOLITH:
             _say(f"{name}: alignment and disagreement")
             x_T = initial_noise(cfg.alignment_n, experts.image_shape, seed + 1)
-            traced = sample(
-                experts,
-                experts.router,
-                policy,
-                x_T,
-                time_grid(cfg.steps),
-                features=experts.features,
-                trace=True,
-            )
+            traced = stability.run(experts, experts, policy, x_T, cfg.steps, trace=True)
             row["alignment"] = alignment.trace_alignment(traced, experts.features, bank, cfg.knn)
             x_T = initial_noise(cfg.disagreement_n, experts.image_shape, seed + 2)
-            everyone = sample(
-                experts,
-                experts.router,
-                policy,
-                x_T,
-                time_grid(cfg.steps),
-                features=experts.features,
-                trace_all_experts=True,
+            everyone = stability.run(
+                experts, experts, policy, x_T, cfg.steps, trace_all_experts=True
             )
             dis = alignment.disagreement(everyone)
             final_feats, final_conf = featnet.embed(everyone.images)

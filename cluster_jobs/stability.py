@@ -45,7 +45,8 @@ def summary(values: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _run(experts: Any, models: Any, policy: str, x_T: torch.Tensor, steps: int, **kw):
+def run(experts: Any, models: Any, policy: str, x_T: torch.Tensor, steps: int, **kw):
+    """`sample` on an Euler grid of `steps` with the models' router and feature space."""
     return sample(
         experts,
         models.router,
@@ -74,8 +75,8 @@ def trajectory_sensitivity(
     delta = torch.randn(x_T.shape, generator=gen)
     dims = x_T[0].numel()
     delta = delta * (eps * dims**0.5 / _norms(delta)).reshape(-1, *[1] * (x_T.ndim - 1)).float()
-    base = _run(experts, models, policy, x_T, steps, trace=True)
-    moved = _run(experts, models, policy, x_T + delta, steps, trace=True)
+    base = run(experts, models, policy, x_T, steps, trace=True)
+    moved = run(experts, models, policy, x_T + delta, steps, trace=True)
     states = [s.x_t for s in base.trace] + [base.final]
     moved_states = [s.x_t for s in moved.trace] + [moved.final]
     gaps = torch.stack([_norms(a - b) for a, b in zip(moved_states, states, strict=True)])
@@ -94,8 +95,8 @@ def delta_refine(
     experts: Any, models: Any, policy: str, x_T: torch.Tensor, steps: int
 ) -> torch.Tensor:
     """Per trajectory: ||x_0^N - x_0^{2N}|| / ||x_0^{2N}||."""
-    coarse = _run(experts, models, policy, x_T, steps).final
-    fine = _run(experts, models, policy, x_T, 2 * steps).final
+    coarse = run(experts, models, policy, x_T, steps).final
+    fine = run(experts, models, policy, x_T, 2 * steps).final
     return _norms(coarse - fine) / _norms(fine).clamp_min(1e-12)
 
 
