@@ -26,17 +26,17 @@ def angular_deviation(
 
     predictions: (rows, v) per expert: rows (n_k,) sample indices, v (n_k, ...) velocities.
     """
-    parts = [(rows, v.flatten(1).double()) for rows, v in predictions]
+    parts = [(rows.to(v.device), v.flatten(1).double()) for rows, v in predictions]
     if not parts:
         return torch.full((num_samples,), math.nan, dtype=torch.float64)
-    dims = parts[0][1].shape[1]
-    total = torch.zeros(num_samples, dims, dtype=torch.float64)
-    count = torch.zeros(num_samples, dtype=torch.float64)
+    dims, dev = parts[0][1].shape[1], parts[0][1].device  # computed where the velocities are
+    total = torch.zeros(num_samples, dims, dtype=torch.float64, device=dev)
+    count = torch.zeros(num_samples, dtype=torch.float64, device=dev)
     for rows, v in parts:
         total.index_add_(0, rows, v)
-        count.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
+        count.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64, device=dev))
     mean = total / count.clamp_min(1).unsqueeze(1)
-    angles = torch.zeros(num_samples, dtype=torch.float64)
+    angles = torch.zeros(num_samples, dtype=torch.float64, device=dev)
     for rows, v in parts:
         cos = torch.nn.functional.cosine_similarity(v, mean[rows], dim=1, eps=1e-12)
         angles.index_add_(0, rows, torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0))))

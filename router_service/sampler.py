@@ -252,7 +252,7 @@ class _RoutedVelocity:
             r = rows[k]
             if everyone:
                 v = v[r]  # traced experts that no sample selected add nothing
-            chosen.append((r.cpu(), v.cpu()))
+            chosen.append((r, v))
             w = dense[r, k].reshape(-1, *[1] * (x.ndim - 1))
             velocity[r] += w * v.to(x.dtype)
 
@@ -293,7 +293,6 @@ class _RoutedVelocity:
     async def _route(self, x: torch.Tensor, t: torch.Tensor):
         """(router probabilities, centroid distances, RoutingDecision) for this state."""
         n, K = x.shape[0], self.num_experts
-        probs = distances = None
         probs = distances = None
         if self.router is not None and (self.policy.needs == "router" or self.trace is not None):
             with torch.no_grad():
