@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ddm prepare --dataset fashion-mnist --clusters 8 --store $(DEMO)/store --overwrite
+	$(VENV)/bin/ddm demo --out $(DEMO)
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,9 @@ class AnalyzeConfig(BaseModel):
     eps: float = Field(1e-3, gt=0, le=1, description="RMS per pixel of the perturbation δ")
     knn: int = Field(5, ge=1, description="neighbours for kNN cluster distances")
     train_per_cluster: int = Field(500, ge=10, description="training features per cluster")
+    inception: str | None = Field(
+        None, description="local TorchScript Inception-v3 (inception-2015-12-05.pt)"
+    )
     quick: bool = False
 
     @field_validator("strategies")
@@ -128,7 +133,11 @@ def _spread(values: list[float]) -> dict[str, Any]:
 def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
     start = time.perf_counter()
     store = open_store(cfg.store)
-    out = Path(cfg.out).expanduser()
+    remote_out = "://" in cfg.out and not cfg.out.startswith("file://")
+    if remote_out:  # e.g. s3://bucket/report: written here, uploaded at the end
+        out = Path(tempfile.mkdtemp(prefix="ddm-analyze-"))
+    else:
+        out = Path(cfg.out.removeprefix("file://")).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     featnet = quality.FeatNet.load(store)
     experts = LocalExperts(store)
@@ -145,6 +154,8 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
 
     real_images, clusters, labels = alignment.heldout(store, manifest, limit=100_000)
     real_feats, _ = featnet.embed(real_images)
+    inception = quality.Inception.load(cfg.inception) if cfg.inception else None
+    real_inception = inception.embed(real_images) if inception else None
     _say(f"{len(real_images)} held-out images embedded")
     bank = alignment.train_features(store, manifest, experts.features, cfg.train_per_cluster)
 
@@ -165,6 +176,9 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
             fid, kid = quality.fid_kid(real_feats, fake)
             scores = {"fid": fid, "kid": kid, **quality.prdc(real_feats, fake)}
             scores["confidence"] = float(confidence.mean())
+            if inception is not None:
+                fid_i, kid_i = quality.fid_kid(real_inception, inception.embed(images))
+                scores["fid_inception"], scores["kid_inception"] = fid_i, kid_i
             for k, v in scores.items():
                 metrics.setdefault(k, []).append(v)
             row["experts_per_step"] = per_step
@@ -241,7 +255,12 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
     from cluster_jobs.report import write_report
 
     write_report(report, out)
-    _say(f"wrote {out}/results.json, report.md and plots in {report['seconds']:.0f} s")
+    if remote_out:
+        dest = open_store(cfg.out)
+        for path in sorted(out.iterdir()):
+            dest.put_file(path.name, path)
+        shutil.rmtree(out)
+    _say(f"wrote {cfg.out}/results.json, report.md and plots in {report['seconds']:.0f} s")
     return report
 
 
@@ -253,6 +272,9 @@ DEFINITIONS = {
     "quality.density": "mean number of real k-NN balls holding a generated sample, / k",
     "quality.coverage": "share of real samples whose k-NN ball holds a generated sample",
     "quality.confidence": "featnet's mean max-softmax on generated samples",
+    "quality.fid_inception": "FID over a local TorchScript Inception-v3's pool features "
+    "(--inception; the standard FID on RGB data)",
+    "quality.kid_inception": "KID over the same Inception features",
     "stability.amplification": "||x_0(x_T + δ) - x_0(x_T)|| / ||δ||, δ of RMS eps per pixel",
     "stability.l_eff": "geometric mean over steps of ||Δx_{i+1}|| / ||Δx_i||",
     "stability.delta_refine": "||x_0^N - x_0^{2N}|| / ||x_0^{2N}||, same noise",

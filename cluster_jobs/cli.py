@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -150,9 +151,49 @@ def cluster_status() -> None:
     print(json.dumps(status()))
 
 
-@app.command()
+stack_app = typer.Typer(
+    no_args_is_help=True, help="The local observability stack: Prometheus on 127.0.0.1."
+)
+app.add_typer(stack_app, name="stack")
+
+
+@stack_app.command("up")
+@user_errors
+def stack_up(
+    port: Annotated[int, typer.Option(help="Prometheus' port on 127.0.0.1")] = 9090,
+    metrics_export_port: Annotated[
+        int | None, typer.Option(help="Ray metrics port to scrape [from `ddm cluster up`]")
+    ] = None,
+) -> None:
+    """Start Prometheus (Debian package) with infra/prometheus' config and alert rules,
+    scraping the local Ray head; prints its address as JSON."""
+    from cluster_jobs import stack
+
+    print(stack.up(port, metrics_export_port).model_dump_json())
+
+
+@stack_app.command("down")
+@user_errors
+def stack_down() -> None:
+    """Stop the Prometheus that `ddm stack up` started (by its PID)."""
+    from cluster_jobs import stack
+
+    print("stopped" if stack.down() else "no stack was running")
+
+
+@stack_app.command("status")
+@user_errors
+def stack_status() -> None:
+    """Whether the stack's Prometheus runs, and its addresses, as JSON."""
+    from cluster_jobs import stack
+
+    print(json.dumps(stack.status()))
+
+
+@app.command(context_settings={"allow_extra_args": True})
 @user_errors
 def submit(
+    ctx: typer.Context,
     store: Annotated[str, typer.Option(help="store URI holding the prepared dataset")],
     address: Address = None,
     clusters: Annotated[str, typer.Option(help="all | none | ids like 0,2,5")] = "all",
@@ -170,11 +211,26 @@ def submit(
     seed: Annotated[int | None, typer.Option(help="training seed")] = None,
     force: Annotated[bool, typer.Option(help="retrain finished jobs from scratch")] = False,
     wait: Annotated[bool, typer.Option(help="wait until every job has finished")] = False,
+    analyze: Annotated[
+        bool, typer.Option(help="submit `ddm analyze` with the arguments after `--` instead")
+    ] = False,
 ) -> None:
-    """Submit one Ray job per expert (and the router / monolith / featnet)."""
+    """Submit one Ray job per expert (and the router / monolith / featnet), or, with
+    `--analyze -- ARGS`, the analysis of a trained store as one Ray job."""
     from cluster_jobs import submit as jobs
+    from ddm_nodes.store import open_store
 
     url = _address(address)
+    # Jobs run in a copy of the project: a relative store path must not resolve there.
+    store = open_store(store).uri
+    if ctx.args and not analyze:
+        raise DDMError(f"unexpected arguments {' '.join(ctx.args)}: only --analyze takes `-- ARGS`")
+    if analyze:
+        if router or monolith or featnet:
+            raise DDMError("--analyze needs finished models: submit training separately")
+        job = jobs.AnalyzeJob(_analyze_args(store, ctx.args))
+        _submit_and_wait(jobs, url, [job], force, wait)
+        return
     options = {
         k: v
         for k, v in dict(
@@ -191,6 +247,10 @@ def submit(
         if v is not None
     }
     configs = jobs.plan(store, clusters, router, monolith, options, featnet)
+    _submit_and_wait(jobs, url, configs, force, wait)
+
+
+def _submit_and_wait(jobs, url: str, configs: list, force: bool, wait: bool) -> None:
     done = jobs.submit(url, configs, force)
     for s in done:
         print(f"{s.action:17s} {s.submission_id}")
@@ -358,29 +418,126 @@ def analyze_command(
     n: Annotated[int | None, typer.Option(help="images per strategy and seed [1000]")] = None,
     steps: Annotated[int | None, typer.Option(help="Euler steps [50]")] = None,
     seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1",
+    stability_n: Annotated[
+        int | None, typer.Option(help="trajectories for stability [200]")
+    ] = None,
+    alignment_n: Annotated[
+        int | None, typer.Option(help="traced trajectories for alignment [200]")
+    ] = None,
+    disagreement_n: Annotated[
+        int | None, typer.Option(help="trajectories with every expert traced [64]")
+    ] = None,
+    inception: Annotated[
+        str | None,
+        typer.Option(help="local TorchScript Inception-v3 (inception-2015-12-05.pt): also FID"),
+    ] = None,
     quick: Annotated[
         bool, typer.Option(help="small settings for CI (n 64, 8 steps); not for conclusions")
     ] = False,
 ) -> None:
     """Reproduce the paper's analyses: quality (FID, KID, precision/recall), stability
     (trajectory sensitivity, Δ_refine) and expert-data alignment, with a report."""
-    from cluster_jobs.analyze import AnalyzeConfig, run_analysis
+    from cluster_jobs.analyze import run_analysis
+
+    cfg = _analyze_config(
+        store, out, strategies, include_monolith, n, steps, seeds,
+        stability_n, alignment_n, disagreement_n, inception, quick,
+    )  # fmt: skip
+    report = run_analysis(cfg)
+    print(json.dumps({"out": out, "seconds": round(report["seconds"], 1)}))
+
+
+def _analyze_config(
+    store, out, strategies, include_monolith, n, steps, seeds,
+    stability_n, alignment_n, disagreement_n, inception, quick,
+):  # fmt: skip
+    from cluster_jobs.analyze import AnalyzeConfig
 
     parts = [s.strip() for s in seeds.split(",") if s.strip()]
     if not parts or not all(p.isdigit() for p in parts):
         raise DDMError(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1")
     settings = AnalyzeConfig.quick_settings() if quick else {}
-    settings.update({k: v for k, v in dict(n=n, steps=steps).items() if v is not None})
-    cfg = AnalyzeConfig(
+    given = dict(
+        n=n,
+        steps=steps,
+        stability_n=stability_n,
+        alignment_n=alignment_n,
+        disagreement_n=disagreement_n,
+    )
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return AnalyzeConfig(
         store=store,
         out=out,
         strategies=[s.strip() for s in strategies.split(",") if s.strip()],
         include_monolith=include_monolith,
         seeds=[int(p) for p in parts],
+        inception=inception,
         **settings,
     )
-    report = run_analysis(cfg)
-    print(json.dumps({"out": out, "seconds": round(report["seconds"], 1)}))
+
+
+def _analyze_args(store: str, args: list[str]) -> list[str]:
+    """`ddm analyze` arguments for a Ray job, checked here first; a local --out becomes
+    absolute (the job runs in a copy of the project, on the head's machine)."""
+    import click
+
+    command = typer.main.get_command(app).get_command(None, "analyze")
+    if any(a == "--store" or a.startswith("--store=") for a in args):
+        raise DDMError("give the store once, as `ddm submit --store URI --analyze -- ARGS`")
+    try:
+        parsed = command.make_context("ddm submit --analyze --", ["--store", store, *args])
+    except click.exceptions.Exit:
+        raise DDMError("`ddm analyze --help` lists the arguments --analyze takes") from None
+    except click.ClickException as e:
+        raise DDMError(f"--analyze: {e.format_message()}") from None
+    params = {k: v for k, v in parsed.params.items() if k != "ctx"}
+    cfg = _analyze_config(**params)
+    out = cfg.out if "://" in cfg.out else str(Path(cfg.out).expanduser().resolve())
+    rest = list(args)
+    for i, a in enumerate(rest):
+        if a == "--out" and i + 1 < len(rest):
+            rest[i + 1] = out
+        elif a.startswith("--out="):
+            rest[i] = f"--out={out}"
+    return ["--store", store, *rest]
+
+
+@app.command("demo")
+@user_errors
+def demo_command(
+    out: Annotated[str, typer.Option(help="folder for everything the demo writes")] = "demo-out",
+    dataset: Annotated[str, typer.Option(help="data set to prepare")] = "fashion-mnist",
+    clusters: Annotated[int, typer.Option(help="K: clusters, one expert each")] = 4,
+    preset: Annotated[str, typer.Option(help="expert preset")] = "unet-tiny",
+    expert_steps: Annotated[int, typer.Option(help="optimizer steps per expert")] = 100,
+    router_steps: Annotated[int, typer.Option(help="the router's and featnet's steps")] = 300,
+    n: Annotated[int, typer.Option(help="images per HTTP sampling request")] = 16,
+    sample_steps: Annotated[int, typer.Option(help="Euler steps per request")] = 20,
+    image_size: Annotated[int | None, typer.Option(help="resize images (smaller: faster)")] = None,
+    keep: Annotated[bool, typer.Option(help="leave everything running until Ctrl-C")] = False,
+) -> None:
+    """The whole mission on the embedded default: a local Ray head, K experts + router as
+    Ray jobs, a quick analysis, the Serve app answering HTTP, Prometheus; then stops it all."""
+    from cluster_jobs.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        out=out,
+        dataset=dataset,
+        clusters=clusters,
+        preset=preset,
+        expert_steps=expert_steps,
+        router_steps=router_steps,
+        n=n,
+        sample_steps=sample_steps,
+        image_size=image_size,
+        keep=keep,
+    )
+    try:
+        result = run_demo(cfg)
+    except KeyboardInterrupt:
+        print("interrupted; everything the demo started was stopped", file=sys.stderr)
+        raise typer.Exit(130) from None
+    print(json.dumps(result, indent=2))
 
 
 def _print_cluster_table(summary: dict[str, Any]) -> None:

@@ -5,6 +5,10 @@ the token lives in the cluster's state folder (`~/.ddm/cluster/auth_token`, or
 `$DDM_CLUSTER_DIR`), and `cluster.json` beside it tells every ddm client the address and
 the token path, so head and clients always agree on `RAY_AUTH_MODE`. Raw `ray` commands
 need the same two variables; `ddm cluster env` prints them.
+
+The head runs as `ray start --head --block` in its own process group, and its PID is
+recorded: `down` stops exactly that head (SIGTERM: Ray's node stops its processes), so
+other Ray heads of the same user on the machine keep running.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +39,7 @@ class ClusterInfo(BaseModel):
     metrics_export_port: int
     token_path: str
     num_cpus: int
+    pid: int | None = None  # of `ray start --head --block`; None: a head ddm did not start
 
     def env(self) -> dict[str, str]:
         """What a Ray client needs to talk to this head."""
@@ -108,21 +114,28 @@ def up(
     env.pop("RAY_ADDRESS")  # `ray start --head` must not try to join another cluster
     # Job entrypoints say `python`: make it this environment's interpreter, with ddm in it.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:]
-        raise DDMError(
-            f"ray start failed: {' '.join(last)}; is port {port} in use? "
-            "(`ddm cluster down` stops a head ddm started)"
-        )
+    log_path = folder / "head.log"
+    with open(log_path, "wb") as log:
+        head = subprocess.Popen(
+            [*cmd, "--block"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    info.pid = head.pid
     deadline = time.monotonic() + timeout_s
     while not _dashboard_up(info.dashboard_url):
+        if head.poll() is not None:
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            last = next((ln for ln in reversed(lines) if ln.strip()), "")
+            raise DDMError(
+                f"ray start failed: {last.strip()}; is port {port} in use? "
+                f"(`ddm cluster down` stops a head ddm started; full log: {log_path})"
+            )
         if time.monotonic() > deadline:
-            subprocess.run([_ray_cli(), "stop", "--force"], env=env, capture_output=True)
+            _stop(head.pid)
             raise DDMError(
                 f"the Ray dashboard did not answer at {info.dashboard_url} within "
-                f"{timeout_s:.0f} s; the head was stopped (see /tmp/ray/session_latest"
-                "/logs/dashboard.log)"
+                f"{timeout_s:.0f} s; the head was stopped (see {log_path} and "
+                "/tmp/ray/session_latest/logs/dashboard.log)"
             )
         time.sleep(0.5)
     (folder / "cluster.json").write_text(info.model_dump_json(indent=2))
@@ -130,13 +143,46 @@ def up(
 
 
 def down() -> bool:
-    """Stop the local head (`ray stop`, never a kill by process name). False if none."""
+    """Stop the head `up` started, by its PID (never by process name). False if none."""
     info = load_info()
     if info is None:
         return False
-    env = {**os.environ, **info.env()}
-    subprocess.run([_ray_cli(), "stop", "--force"], env=env, capture_output=True, text=True)
+    if info.pid is not None:
+        _stop(info.pid)
+    else:  # a cluster.json from before heads were tracked by PID
+        env = {**os.environ, **info.env()}
+        subprocess.run([_ray_cli(), "stop", "--force"], env=env, capture_output=True)
     (state_dir() / "cluster.json").unlink(missing_ok=True)
+    return True
+
+
+def _stop(pid: int, grace_s: float = 30.0) -> None:
+    """SIGTERM the blocking `ray start` (it stops its node's processes), then SIGKILL
+    whatever is left in its process group after `grace_s`."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # start_new_session made pid its group's id
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
     return True
 
 

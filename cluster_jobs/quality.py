@@ -75,6 +75,51 @@ class FeatNet:
         return torch.cat(feats), torch.cat(conf)
 
 
+@dataclass
+class Inception:
+    """A local TorchScript Inception-v3 for standard FID on RGB data (`--inception PATH`).
+
+    The contract is NVIDIA's `inception-2015-12-05.pt` (stylegan2-ada-pytorch's metrics
+    detector): `net(images, return_features=True)` takes uint8-valued images (N, 3, H, W)
+    in [0, 255], resizes them itself and returns pool features (N, 2048). Grey images are
+    repeated to 3 channels. A TorchScript file can run arbitrary ops: load only a file
+    from a source you trust.
+    """
+
+    net: torch.jit.ScriptModule
+    path: str
+
+    @classmethod
+    def load(cls, path: str) -> Inception:
+        try:
+            net = torch.jit.load(path, map_location="cpu").eval()
+        except (OSError, RuntimeError, ValueError) as e:
+            raise DDMError(
+                f"--inception {path}: not a TorchScript file torch.jit.load can read "
+                f"({e.__class__.__name__}); give NVIDIA's inception-2015-12-05.pt"
+            ) from None
+        return cls(net, path)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch: int = 100) -> torch.Tensor:
+        """images (N, C, H, W) in [-1, 1] -> features (N, D) float64."""
+        feats = []
+        for x in images.split(batch):
+            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round()
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            try:
+                f = self.net(x.to(torch.uint8), return_features=True)
+            except RuntimeError as e:
+                raise DDMError(
+                    f"--inception {self.path}: calling net(images, return_features=True) "
+                    f"failed ({str(e).splitlines()[0][:200]}); give NVIDIA's "
+                    "inception-2015-12-05.pt"
+                ) from None
+            feats.append(f.reshape(len(x), -1).double())
+        return torch.cat(feats)
+
+
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50) -> tuple[float, float]:
     """(FID, KID mean) between feature sets (N, D), through torchmetrics."""
     from torchmetrics.image.fid import FrechetInceptionDistance

@@ -151,6 +151,8 @@ def _table(report: dict[str, Any]) -> str:
         ("sel/non-sel error", ("accuracy", "ratio")),
         ("disagreement (°)", ("disagreement", "all_mean_degrees")),
     ]
+    if report["settings"].get("inception"):
+        cols[2:2] = [("FID (Inception)", ("quality", "fid_inception", "mean"))]
     paper = report["paper"]["fid"]
     lines = [
         "| strategy | " + " | ".join(c for c, _ in cols) + " | paper FID |",

@@ -5,11 +5,13 @@ Each job is the same command a user could `ray job submit` by hand:
 `python -m cluster_jobs.train_expert --store URI --cluster K ...`. Submission ids are
 readable and tied to the config (`ddm-expert-003-<config hash>`), so submitting a finished
 expert again with the same config is a no-op; a failed or stopped one is submitted again
-under `<id>-r<N>` and resumes from its latest checkpoint.
+under `<id>-r<N>` and resumes from its latest checkpoint. `ddm submit --analyze` submits
+`ddm analyze` the same way (`AnalyzeJob`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shlex
 import time
@@ -69,8 +71,23 @@ def entrypoint(cfg: TrainConfig) -> str:
     return f"python -m cluster_jobs.train_{cfg.kind} {shlex.join(args)}"
 
 
-def submission_id(cfg: TrainConfig) -> str:
+def submission_id(cfg: TrainConfig | AnalyzeJob) -> str:
     return f"ddm-{cfg.name}-{cfg.config_hash()}"
+
+
+@dataclass
+class AnalyzeJob:
+    """`ddm analyze ARGS` as a Ray job; `args` were validated by the caller."""
+
+    args: list[str]
+    kind: str = "analyze"
+    name: str = "analyze"
+
+    def config_hash(self) -> str:
+        return hashlib.sha256("\0".join(self.args).encode()).hexdigest()[:8]
+
+    def entrypoint(self) -> str:
+        return f"python -m cluster_jobs.cli analyze {shlex.join(self.args)}"
 
 
 @dataclass
@@ -119,7 +136,10 @@ def plan(
 
 
 def submit(
-    address: str, configs: list[TrainConfig], force: bool = False, entrypoint_num_cpus: float = 0.0
+    address: str,
+    configs: list[TrainConfig] | list[AnalyzeJob],
+    force: bool = False,
+    entrypoint_num_cpus: float = 0.0,
 ) -> list[Submitted]:
     from ray.job_submission import JobSubmissionClient
 
@@ -144,10 +164,11 @@ def submit(
                 Submitted(cfg.name, latest.submission_id, "skipped-finished", latest.entrypoint)
             )
             continue
-        if force:
-            cfg = cfg.model_copy(update={"restart": True})
+        if isinstance(cfg, AnalyzeJob):
+            cmd = cfg.entrypoint()
+        else:
+            cmd = entrypoint(cfg.model_copy(update={"restart": True}) if force else cfg)
         sid = base if not tries else f"{base}-r{len(tries)}"
-        cmd = entrypoint(cfg)
         _submit_with_retry(
             client,
             entrypoint=cmd,

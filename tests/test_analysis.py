@@ -180,8 +180,21 @@ def analysed_store(tmp_path_factory) -> str:
     return root
 
 
+class _InceptionContract(torch.nn.Module):
+    """Same call contract as NVIDIA's TorchScript inception-2015-12-05.pt (uint8 RGB in,
+    `return_features=True`, pool features out), with no weights: it tests the plumbing of
+    `--inception`, not Inception itself."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 4)
+        return pooled.flatten(1)
+
+
 def test_ddm_analyze_quick_writes_results_report_and_plots(analysed_store, tmp_path, ddm):
     out = tmp_path / "report"
+    inception = tmp_path / "inception.pt"
+    torch.jit.save(torch.jit.script(_InceptionContract()), str(inception))
     done = ddm(
         "analyze",
         "--store",
@@ -191,6 +204,8 @@ def test_ddm_analyze_quick_writes_results_report_and_plots(analysed_store, tmp_p
         "--strategies",
         "full,top-1,top-2,nearest-centroid,uniform",
         "--include-monolith",
+        "--inception",
+        str(inception),
         "--quick",
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -203,6 +218,7 @@ def test_ddm_analyze_quick_writes_results_report_and_plots(analysed_store, tmp_p
         assert len(row["quality"]["fid"]["per_seed"]) == 2
         assert math.isfinite(row["quality"]["fid"]["mean"])
         assert 0 <= row["quality"]["precision"]["mean"] <= 1
+        assert math.isfinite(row["quality"]["fid_inception"]["mean"])
         assert row["stability"]["l_eff"]["median"] > 0
         if name != "monolith":
             assert 0 <= row["alignment"]["centroid_rate"] <= 1
@@ -213,6 +229,7 @@ def test_ddm_analyze_quick_writes_results_report_and_plots(analysed_store, tmp_p
     assert set(results["router_accuracy_by_t"]) == {f"{t:.1f}" for t in alignment.T_GRID}
     report = (out / "report.md").read_text()
     assert "| strategy | FID" in report and "## What our data shows" in report
+    assert "FID (Inception)" in report
     assert "**Sparse vs full.**" in report and "Quick mode" in report
     for png in ["fid.png", "stability_vs_quality.png", "alignment_by_step.png"]:
         assert (out / png).stat().st_size > 1000
@@ -224,7 +241,46 @@ def test_ddm_analyze_bad_input_exits_2(analysed_store, tmp_path, ddm):
         ["--strategies", "top-9"],
         ["--strategies", "oracle"],
         ["--seeds", "a,b"],
+        ["--inception", str(tmp_path / "missing.pt")],
     ):
         done = ddm("analyze", "--store", analysed_store, "--out", str(tmp_path), *args)
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+# --- `ddm submit --analyze`: the analysis as a Ray job ----------------------------------------
+
+
+def test_submit_analyze_checks_its_arguments_before_any_job(analysed_store, tmp_path, ddm):
+    """Bad `ddm analyze` arguments after `--` fail with exit 2 before Ray is contacted (the
+    address below answers nothing), and so does mixing --analyze with training."""
+    no_ray = ["--address", "http://127.0.0.1:9"]
+    for tail, needle in (
+        (["--analyze", "--", "--out", str(tmp_path), "--strategies", "top-9"], "top-9"),
+        (["--analyze", "--", "--out", str(tmp_path), "--bogus"], "--bogus"),
+        (["--analyze", "--", "--n", "10"], "--out"),
+        (["--analyze", "--router", "--", "--out", str(tmp_path)], "separately"),
+        (["--", "--out", str(tmp_path)], "only --analyze"),
+    ):
+        done = ddm("submit", "--store", analysed_store, *no_ray, *tail)
+        assert done.returncode == 2, (tail, done.stderr)
+        assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_submit_analyze_job_runs_the_checked_arguments_with_an_absolute_out(
+    analysed_store, tmp_path, monkeypatch
+):
+    from cluster_jobs import cli
+    from cluster_jobs.submit import AnalyzeJob, submission_id
+
+    monkeypatch.chdir(tmp_path)
+    args = cli._analyze_args(analysed_store, ["--out", "report", "--quick", "--seeds", "0"])
+    assert args == [
+        "--store", analysed_store, "--out", str(tmp_path / "report"), "--quick", "--seeds", "0",
+    ]  # fmt: skip
+    job = AnalyzeJob(args)
+    assert job.entrypoint().startswith("python -m cluster_jobs.cli analyze --store ")
+    assert submission_id(job) == submission_id(AnalyzeJob(list(args)))  # stable per config
+    assert submission_id(job) != submission_id(AnalyzeJob([*args, "--n", "100"]))
+    kept = cli._analyze_args(analysed_store, ["--out=s3://bucket/report"])
+    assert kept[-1] == "--out=s3://bucket/report"  # a store URI is left as given
