@@ -214,6 +214,13 @@ def submit(
     analyze: Annotated[
         bool, typer.Option(help="submit `ddm analyze` with the arguments after `--` instead")
     ] = False,
+    emit: Annotated[
+        str | None, typer.Option(help="kuberay: write RayJob manifests to --out, submit nothing")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="folder for --emit's manifests")] = None,
+    image: Annotated[
+        str | None, typer.Option(help="container image for --emit kuberay [ddm:VERSION]")
+    ] = None,
 ) -> None:
     """Submit one Ray job per expert (and the router / monolith / featnet), or, with
     `--analyze -- ARGS`, the analysis of a trained store as one Ray job."""
@@ -225,12 +232,16 @@ def submit(
     store = open_store(store).uri
     if ctx.args and not analyze:
         raise DDMError(f"unexpected arguments {' '.join(ctx.args)}: only --analyze takes `-- ARGS`")
+    if emit not in (None, "kuberay"):
+        raise DDMError(f"--emit {emit!r}: the one target is kuberay")
+    if emit and not out:
+        raise DDMError("--emit kuberay needs --out DIR for the manifests")
     if analyze:
         if router or monolith or featnet:
             raise DDMError("--analyze needs finished models: submit training separately")
-        job = jobs.AnalyzeJob(_analyze_args(store, ctx.args))
-        _submit_and_wait(jobs, url, [job], force, wait)
-        return
+        configs = [jobs.AnalyzeJob(_analyze_args(store, ctx.args))]
+    else:
+        configs = None
     options = {
         k: v
         for k, v in dict(
@@ -246,7 +257,14 @@ def submit(
         ).items()
         if v is not None
     }
-    configs = jobs.plan(store, clusters, router, monolith, options, featnet)
+    if configs is None:
+        configs = jobs.plan(store, clusters, router, monolith, options, featnet)
+    if emit:
+        from cluster_jobs.kuberay import DEFAULT_IMAGE, render_rayjobs
+
+        for path in render_rayjobs(configs, out, image or DEFAULT_IMAGE):
+            print(f"wrote {path}")
+        return
     _submit_and_wait(jobs, url, configs, force, wait)
 
 

@@ -60,3 +60,27 @@ def test_prepare_into_s3_and_read_back_by_cluster(ddm, s3_env, bucket, mnist5k_s
             owner[i] = c
     assert len(owner) == len(mnist5k_set)
     assert sum(manifest.stats.counts) == len(mnist5k_set)
+
+
+@pytest.mark.integration
+def test_submit_emit_kuberay_writes_one_rayjob_per_job(ddm, s3_env, bucket, tmp_path):
+    """`ddm submit --emit kuberay` against a prepared S3 store: manifests, no Ray needed."""
+    import yaml
+
+    uri = f"s3://{bucket}/runs/digits"
+    prep = ddm("prepare", "--dataset", "digits", "--clusters", "3", "--store", uri, env=s3_env)
+    assert prep.returncode == 0, prep.stderr
+    out = tmp_path / "manifests"
+    args = ["submit", "--store", uri, "--router", "--steps", "50", "--emit", "kuberay"]
+    done = ddm(*args, "--out", str(out), "--address", "http://127.0.0.1:9", env=s3_env)
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"rayjob-expert-00{k}.yaml" for k in range(3)] + ["rayjob-router.yaml"]
+    job = yaml.safe_load((out / "rayjob-expert-001.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["metadata"]["name"].startswith("ddm-expert-001-")
+    assert job["spec"]["entrypoint"].startswith("python -m cluster_jobs.train_expert --store ")
+    assert f"--store {uri} --cluster 1" in job["spec"]["entrypoint"]
+    missing_out = ddm(*args, env=s3_env)
+    assert missing_out.returncode == 2 and "--out" in missing_out.stderr
+    local = ddm("submit", "--store", str(tmp_path), "--emit", "kuberay", "--out", str(out))
+    assert local.returncode == 2

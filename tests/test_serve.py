@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -184,6 +185,33 @@ def test_http_api_through_serve(served):
         ("expert-001", 1, True),
         ("expert-002", 1, True),
     ]
+
+
+def _readme_curl_commands() -> list[str]:
+    """The curl commands of README's HTTP API section, continuation lines joined."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### HTTP API") : text.index("### Serving metrics")]
+    lines = "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S)).replace("\\\n", " ")
+    return [line.strip() for line in lines.splitlines() if line.strip().startswith("curl ")]
+
+
+def test_readme_curl_examples_work(served, tmp_path):
+    commands = _readme_curl_commands()
+    assert len(commands) >= 5 and any("/v1/images/generations" in c for c in commands)
+    for command in commands:
+        command = command.replace("http://127.0.0.1:8000", served).replace('"sneaker"', '"7"')
+        done = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", command.replace("curl ", "curl --fail-with-body ", 1)],
+            env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "DDM_API_KEY": API_KEY},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, (command, done.stdout[-500:], done.stderr[-500:])
+        if "| python3" not in command:
+            assert isinstance(json.loads(done.stdout), dict), command
+    assert np.load(tmp_path / "x.npy").shape == (2, 1, SIZE, SIZE)
 
 
 def _load(url: str, clients: int, requests: int, strategy: str) -> list[int]:

@@ -1,0 +1,128 @@
+"""`ddm submit --emit kuberay --out DIR`: one KubeRay RayJob manifest per job, for
+`kubectl apply -f DIR` instead of the Ray job API.
+
+Each manifest is infra/kuberay/rayjob-expert.yaml with its `${PLACEHOLDER}`s filled in from the
+job: the same entrypoint, submission id and metadata that `ddm submit` would use. The template
+is parsed first and the values go into its string scalars, so a command with quotes, spaces or
+colons cannot break the YAML.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster_jobs.submit import AnalyzeJob, entrypoint, submission_id
+from cluster_jobs.train_config import TrainConfig
+from ddm_nodes import __version__
+from ddm_nodes.errors import DDMError
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "infra/kuberay/rayjob-expert.yaml"
+DEFAULT_IMAGE = f"ddm:{__version__}"  # built from infra/kuberay/Dockerfile
+# KubeRay names a RayJob's cluster `<name>-xxxxx` and that cluster's Services `...-serve-svc`,
+# so it refuses RayJob names that are not DNS-1035 labels of at most 47 characters.
+MAX_NAME_LENGTH = 47
+_DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_PLACEHOLDER = re.compile(r"\$\{([A-Z_]+)\}")
+_HEADER = "# Rendered from infra/kuberay/rayjob-expert.yaml by `ddm submit --emit kuberay`.\n"
+
+
+def render_rayjobs(
+    jobs: Iterable[TrainConfig | AnalyzeJob], out_dir: str | Path, image: str = DEFAULT_IMAGE
+) -> list[Path]:
+    """Write `out_dir/rayjob-<name>.yaml` for each job; returns the paths in job order.
+    Every job is checked before any file is written."""
+    template = yaml.safe_load(TEMPLATE.read_text())
+    values = [_values(job, image) for job in jobs]
+    names = [v["DDM_NAME"] for v in values]
+    if len(set(names)) != len(names):
+        raise DDMError(f"two jobs share a name in {names}: each needs its own manifest")
+    out = Path(out_dir).expanduser()
+    paths = []
+    for v in values:
+        text = yaml.safe_dump(_fill(template, v), sort_keys=False, width=10_000)
+        paths.append(_write_atomic(out / f"rayjob-{v['DDM_NAME']}.yaml", _HEADER + text))
+    return paths
+
+
+def _values(job: TrainConfig | AnalyzeJob, image: str) -> dict[str, str]:
+    if isinstance(job, AnalyzeJob):
+        command, store = job.entrypoint(), _option(job.args, "--store")
+        out = _option(job.args, "--out")
+        if out is not None and not out.startswith("s3://"):
+            raise DDMError(
+                f"analyze: --out {out!r}: the analysis writes inside a pod that goes away with "
+                "its cluster; give --out s3://BUCKET/PREFIX"
+            )
+    else:
+        command, store = entrypoint(job), job.store
+    if store is None or not store.startswith("s3://"):
+        raise DDMError(
+            f"{job.name}: store {store!r}: KubeRay pods cannot read a local path: prepare into "
+            "an s3:// store (`ddm prepare --store s3://BUCKET/PREFIX ...`) and submit with it"
+        )
+    sid = submission_id(job)
+    if len(sid) > MAX_NAME_LENGTH or not _DNS_1035.fullmatch(sid):
+        raise DDMError(
+            f"{sid!r} cannot name a RayJob: KubeRay needs a DNS-1035 label (lowercase letters, "
+            f"digits and '-', starting with a letter) of at most {MAX_NAME_LENGTH} characters"
+        )
+    return {
+        "NAME": sid,
+        "SUBMISSION_ID": sid,
+        "DDM_NAME": job.name,
+        "KIND": job.kind,
+        "CONFIG_HASH": job.config_hash(),
+        "ENTRYPOINT": command,
+        "STORE": store,
+        "IMAGE": image,
+    }
+
+
+def _option(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.removeprefix(flag + "=")
+    return None
+
+
+def _fill(node: Any, values: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {key: _fill(value, values) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_fill(item, values) for item in node]
+    if isinstance(node, str):
+        return _PLACEHOLDER.sub(lambda m: _lookup(values, m.group(1)), node)
+    return node
+
+
+def _lookup(values: dict[str, str], name: str) -> str:
+    if name not in values:
+        raise DDMError(
+            f"{TEMPLATE}: unknown placeholder ${{{name}}}; expected one of {sorted(values)}"
+        )
+    return values[name]
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    """A reader (or `kubectl apply -f DIR`) sees the old file or the whole new one, never half."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as e:
+        raise DDMError(f"cannot write {path}: {e.strerror}; check --out") from e
+    return path
