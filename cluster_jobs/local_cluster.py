@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from cluster_jobs import processes
 from ddm_nodes.errors import DDMError
 
 DEFAULT_DIR = Path("~/.ddm/cluster")
@@ -131,7 +131,7 @@ def up(
                 f"(`ddm cluster down` stops a head ddm started; full log: {log_path})"
             )
         if time.monotonic() > deadline:
-            _stop(head.pid)
+            processes.stop(head.pid, grace_s=30, group=True)
             raise DDMError(
                 f"the Ray dashboard did not answer at {info.dashboard_url} within "
                 f"{timeout_s:.0f} s; the head was stopped (see {log_path} and "
@@ -148,41 +148,11 @@ def down() -> bool:
     if info is None:
         return False
     if info.pid is not None:
-        _stop(info.pid)
+        processes.stop(info.pid, grace_s=30, group=True)
     else:  # a cluster.json from before heads were tracked by PID
         env = {**os.environ, **info.env()}
         subprocess.run([_ray_cli(), "stop", "--force"], env=env, capture_output=True)
     (state_dir() / "cluster.json").unlink(missing_ok=True)
-    return True
-
-
-def _stop(pid: int, grace_s: float = 30.0) -> None:
-    """SIGTERM the blocking `ray start` (it stops its node's processes), then SIGKILL
-    whatever is left in its process group after `grace_s`."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)  # start_new_session made pid its group's id
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
     return True
 
 

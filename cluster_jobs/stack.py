@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from cluster_jobs import processes
 from cluster_jobs.local_cluster import load_info
 from ddm_nodes.errors import DDMError
 
@@ -93,7 +93,7 @@ def up(
     port: `metrics_export_port`, else the one in cluster.json, else 8080). Returns the running
     stack if `up` already started one on the same ports."""
     info = load_stack()
-    if info is not None and _alive(info.pid) and _ready(info.url):
+    if info is not None and processes.alive(info.pid) and _ready(info.url):
         if info.port == port and metrics_export_port in (None, info.metrics_export_port):
             return info
         raise DDMError(
@@ -145,7 +145,7 @@ def up(
                 f"prometheus exited: {lines[-1] if lines else '(no output)'} (full log: {log_path})"
             )
         if time.monotonic() > deadline:
-            _stop(proc.pid)
+            processes.stop(proc.pid)
             raise DDMError(
                 f"prometheus did not answer at {url}/-/ready within {timeout_s:.0f} s and was "
                 f"stopped; see {log_path}"
@@ -161,7 +161,7 @@ def down() -> bool:
     if info is None:
         return False
     if _is_ours(info):
-        _stop(info.pid)
+        processes.stop(info.pid)
     (state_dir() / "stack.json").unlink(missing_ok=True)
     return True
 
@@ -170,52 +170,18 @@ def status() -> dict:
     info = load_stack()
     if info is None:
         return {"running": False}
-    running = _alive(info.pid) and _ready(info.url)
+    running = processes.alive(info.pid) and _ready(info.url)
     return {"running": running, **json.loads(info.model_dump_json())}
 
 
 def _is_ours(info: StackInfo) -> bool:
     """The recorded PID is still our Prometheus (not a later process that reused it)."""
-    if not _alive(info.pid):
+    if not processes.alive(info.pid):
         return False
     cmdline = Path(f"/proc/{info.pid}/cmdline")
     if not cmdline.exists():  # no procfs: trust the PID
         return True
     return info.config_path in cmdline.read_bytes().decode(errors="replace")
-
-
-def _stop(pid: int, grace_s: float = 15.0) -> None:
-    """SIGTERM (Prometheus flushes its head block and exits), SIGKILL after `grace_s`."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.1)
-    if _alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        while _alive(pid):
-            time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
 
 
 def dashboard_queries() -> list[tuple[str, str, str]]:
