@@ -16,6 +16,7 @@ from safetensors.torch import load as load_safetensors
 
 from cluster_jobs.train_config import TrainConfig
 from ddm_nodes.checkpoint import (
+    MANIFEST_FILE,
     TRAINING_FILE,
     WEIGHTS_FILE,
     CheckpointManifest,
@@ -52,6 +53,15 @@ def find_resume_point(
     again). Both can exist and disagree, since Ray only knows the checkpoints reported to
     it, so the higher step wins."""
     candidates = [framework_pointer] if framework_pointer else []
+    if framework_pointer and not store.exists(f"{framework_pointer['prefix']}/{MANIFEST_FILE}"):
+        # Ray Train's run storage outlives the store: a store prepared again under the
+        # same path leaves Ray a pointer to a checkpoint that is gone. Start from the store.
+        log.warning(
+            "%s: Ray Train's checkpoint points at %s, which the store no longer has; ignored",
+            cfg.name,
+            store.url(framework_pointer["prefix"]),
+        )
+        candidates = []
     key = f"{cfg.prefix}/{LATEST}"
     if store.exists(key):
         candidates.append(json.loads(store.get_bytes(key)))

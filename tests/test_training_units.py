@@ -601,9 +601,11 @@ def test_the_newer_of_ray_and_store_pointers_wins(prepared, tmp_path):
     store = LocalStore(tmp_path / "out")
     cfg = _cfg(root, cluster=1)
     store.put_bytes(f"{cfg.prefix}/{LATEST}", json.dumps({"prefix": "store", "step": 40}).encode())
+    store.put_bytes("ray/manifest.json", b"{}")  # Ray's pointer names a checkpoint that exists
     assert find_resume_point(cfg, store, {"prefix": "ray", "step": 20}) == "store"
     assert find_resume_point(cfg, store, {"prefix": "ray", "step": 60}) == "ray"
     empty = LocalStore(tmp_path / "empty")
+    empty.put_bytes("ray/manifest.json", b"{}")
     assert find_resume_point(cfg, empty, {"prefix": "ray", "step": 5}) == "ray"
 
 
@@ -643,3 +645,22 @@ def test_router_and_monolith_jobs_run_and_save_their_kind(store_copy, kind):
     loaded = load_model(open_store(store_copy), cfg.prefix, kind=kind)
     assert loaded.manifest.cluster is None and loaded.training["kind"] == kind
     assert isinstance(loaded.model, RouterNet) == (kind == "router")
+
+
+def test_a_ray_pointer_to_a_checkpoint_the_store_lost_is_ignored(tmp_path):
+    """Ray Train's run storage outlives a store prepared again under the same path: its
+    pointer must not make the job fail; the store's own latest.json decides."""
+    import json as _json
+
+    from cluster_jobs.train_checkpoints import LATEST, find_resume_point
+    from cluster_jobs.train_config import TrainConfig
+    from ddm_nodes.store import open_store
+
+    store = open_store(tmp_path)
+    cfg = TrainConfig(kind="expert", store=str(tmp_path), cluster=1, steps=10)
+    gone = {"prefix": f"{cfg.prefix}/checkpoints/step-000400", "step": 400}
+    assert find_resume_point(cfg, store, gone) is None
+    store.put_bytes(f"{cfg.prefix}/checkpoints/step-000400/manifest.json", b"{}")
+    assert find_resume_point(cfg, store, gone) == gone["prefix"]
+    store.put_bytes(f"{cfg.prefix}/{LATEST}", _json.dumps({"prefix": "p", "step": 500}).encode())
+    assert find_resume_point(cfg, store, gone) == "p"
