@@ -28,13 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster_jobs import alignment, quality, stability
 from cluster_jobs.sampling import grid_png, write_atomic
-from ddm_nodes.checkpoint import MONOLITH_PREFIX, load_model
+from ddm_nodes.checkpoint import MONOLITH_PREFIX, ROUTER_PREFIX, load_model
+from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import Expert, ExpertSpec
-from ddm_nodes.store import open_store
+from ddm_nodes.store import Store, open_store
 from router_service.local_experts import LocalExperts
 from router_service.policies import RoutingError, get_policy
 from router_service.sampler import initial_noise
+from router_service.store_models import check_experts_present, has_checkpoint
 
 DEFAULT_STRATEGIES = ["full", "top-1", "top-2", "threshold-0.2", "nearest-centroid", "uniform"]
 MONOLITH = "monolith"
@@ -130,9 +132,36 @@ def _spread(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "std": math.sqrt(var), "per_seed": values}
 
 
+def preflight(cfg: AnalyzeConfig, store: Store) -> None:
+    """Every check that needs only the store's manifests, so that a bad argument fails in a
+    second, before any output, and `ddm submit --analyze` fails before a job is submitted.
+    (--inception is not checked here: it names a file on the machine the analysis runs on.)"""
+    manifest = DatasetManifest.load(store)
+    check_experts_present(store, manifest)
+    quality.FeatNet.check_present(store)
+    for name in cfg.strategies:
+        policy = get_policy(name)
+        try:
+            policy.check_experts(manifest.num_clusters)
+        except RoutingError as e:
+            raise DDMError(f"--strategies: {e}") from None
+        if policy.needs == "router" and not has_checkpoint(store, ROUTER_PREFIX):
+            raise DDMError(
+                f"--strategies {name} needs a router; the store has none: train it with "
+                f"`ddm submit --store {store.uri} --router`"
+            )
+    if cfg.include_monolith and not has_checkpoint(store, MONOLITH_PREFIX):
+        raise DDMError(
+            f"--include-monolith: the store has no monolith: train it with "
+            f"`ddm submit --store {store.uri} --monolith`"
+        )
+
+
 def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
     start = time.perf_counter()
     store = open_store(cfg.store)
+    preflight(cfg, store)
+    inception = quality.Inception.load(cfg.inception) if cfg.inception else None
     remote_out = "://" in cfg.out and not cfg.out.startswith("file://")
     if remote_out:  # e.g. s3://bucket/report: written here, uploaded at the end
         out = Path(tempfile.mkdtemp(prefix="ddm-analyze-"))
@@ -142,19 +171,11 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
     featnet = quality.FeatNet.load(store)
     experts = LocalExperts(store)
     K = experts.num_experts
-    for name in cfg.strategies:
-        try:
-            get_policy(name).check_experts(K)
-        except RoutingError as e:
-            raise DDMError(f"--strategies: {e}") from None
-        if get_policy(name).needs == "router" and experts.router is None:
-            raise DDMError(f"--strategies {name} needs a router; the store has none")
     manifest = experts.manifest
     _say(f"{store.uri}: K={K}, featnet held-out accuracy {featnet.heldout_accuracy}")
 
     real_images, clusters, labels = alignment.heldout(store, manifest, limit=100_000)
     real_feats, _ = featnet.embed(real_images)
-    inception = quality.Inception.load(cfg.inception) if cfg.inception else None
     real_inception = inception.embed(real_images) if inception else None
     _say(f"{len(real_images)} held-out images embedded")
     bank = alignment.train_features(store, manifest, experts.features, cfg.train_per_cluster)

@@ -497,19 +497,21 @@ def _analyze_config(
 def _analyze_args(store: str, args: list[str]) -> list[str]:
     """`ddm analyze` arguments for a Ray job, checked here first; a local --out becomes
     absolute (the job runs in a copy of the project, on the head's machine)."""
-    import click
+    from cluster_jobs.analyze import preflight
+    from ddm_nodes.store import open_store
 
     command = typer.main.get_command(app).get_command(None, "analyze")
     if any(a == "--store" or a.startswith("--store=") for a in args):
         raise DDMError("give the store once, as `ddm submit --store URI --analyze -- ARGS`")
     try:
         parsed = command.make_context("ddm submit --analyze --", ["--store", store, *args])
-    except click.exceptions.Exit:
+    except typer.Exit:  # --help, already printed
         raise DDMError("`ddm analyze --help` lists the arguments --analyze takes") from None
-    except click.ClickException as e:
+    except typer.TyperException as e:  # typer's own click: its usage errors
         raise DDMError(f"--analyze: {e.format_message()}") from None
     params = {k: v for k, v in parsed.params.items() if k != "ctx"}
     cfg = _analyze_config(**params)
+    preflight(cfg, open_store(store))
     out = cfg.out if "://" in cfg.out else str(Path(cfg.out).expanduser().resolve())
     rest = list(args)
     for i, a in enumerate(rest):

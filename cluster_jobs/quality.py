@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -50,12 +52,16 @@ class FeatNet:
     heldout_accuracy: float | None
 
     @classmethod
-    def load(cls, store: Store) -> FeatNet:
+    def check_present(cls, store: Store) -> None:
         if not store.exists(f"{FEATNET_PREFIX}/manifest.json"):
             raise DDMError(
                 f"store {store.uri} has no feature network: train it with "
                 f"`ddm train featnet --store {store.uri}`"
             )
+
+    @classmethod
+    def load(cls, store: Store) -> FeatNet:
+        cls.check_present(store)
         loaded = load_model(store, FEATNET_PREFIX, kind="featnet")
         accuracy = loaded.training.get("evaluation", {}).get("heldout_accuracy")
         return cls(loaded.model.eval(), accuracy)
@@ -91,8 +97,14 @@ class Inception:
 
     @classmethod
     def load(cls, path: str) -> Inception:
+        local = Path(path).expanduser()
+        if not local.is_file():
+            raise DDMError(
+                f"--inception {path}: no such file; give the path of a local copy of "
+                "NVIDIA's inception-2015-12-05.pt (nothing is downloaded)"
+            )
         try:
-            net = torch.jit.load(path, map_location="cpu").eval()
+            net = torch.jit.load(str(local), map_location="cpu").eval()
         except (OSError, RuntimeError, ValueError) as e:
             raise DDMError(
                 f"--inception {path}: not a TorchScript file torch.jit.load can read "
