@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 import tarfile
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -35,6 +36,8 @@ from ddm_nodes.pixels import to_model_range
 from ddm_nodes.store import Store, open_store, open_url, sha256_bytes
 
 log = logging.getLogger(__name__)
+# Shards open at once when shuffling (each is held whole in memory: a few MB at most here).
+OPEN_SHARDS = 16
 
 
 def register_s3_opener() -> None:
@@ -123,13 +126,19 @@ def clusters_dataset(
 ) -> wds.DataPipeline:
     """Stream the samples of the given clusters (see `cluster_dataset`).
 
-    With `shuffle`, shard order and a `shuffle`-sample buffer are shuffled with `seed`.
+    With `shuffle`, shard order is shuffled with `seed` (each cluster spread evenly along
+    it), OPEN_SHARDS shards are read at once in random interleaving, and a `shuffle`-sample
+    buffer (seeded `seed + rank`) mixes further. Shards hold one cluster each: read one after
+    another, with a buffer smaller than a shard, a batch would hold one cluster, and a router
+    (or monolith) trained on such batches learns the recent batches' cluster, not the
+    image's (router accuracy 0.57 at t=0 on Fashion-MNIST, K=8, before this).
     `rank`/`world_size` give each data-parallel worker a disjoint share: whole shards when
-    there are at least as many shards as ranks, else every world_size-th sample.
+    there are at least as many shards as ranks, else every world_size-th sample. `seed` must
+    be the same on every rank (the share is cut from the one shuffled order).
     """
     store = open_store(store) if isinstance(store, str) else store
     manifest = manifest or DatasetManifest.load(store)
-    shards: list[ShardEntry] = []
+    groups: list[list[ShardEntry]] = []
     for cluster in clusters:
         own_prefix = shard_key(split, cluster, 0).rsplit("/", 1)[0] + "/"
         for s in manifest.shards(split, cluster):
@@ -137,9 +146,8 @@ def clusters_dataset(
                 raise IntegrityError(
                     f"manifest lists {s.key} under cluster {cluster}; re-run prepare"
                 )
-            shards.append(s)
-    if shuffle:
-        shards = [shards[i] for i in np.random.default_rng(seed).permutation(len(shards))]
+        groups.append(list(manifest.shards(split, cluster)))
+    shards = _spread_order(groups, seed) if shuffle else [s for g in groups for s in g]
     by_shard = world_size > 1 and len(shards) >= world_size
     if by_shard:
         shards = shards[rank::world_size]
@@ -147,16 +155,55 @@ def clusters_dataset(
         wds.SimpleShardList([s.key for s in shards]),
         wds.split_by_worker,
         _verified_opener(store, {s.key: s.sha256 for s in shards}),
-        wds.tariterators.tar_file_expander,
-        wds.tariterators.group_by_keys,
     ]
+    if shuffle:
+        stages.append(_interleaved(OPEN_SHARDS, seed))
+    else:
+        stages += [wds.tariterators.tar_file_expander, wds.tariterators.group_by_keys]
     if world_size > 1 and not by_shard:
         stages.append(_every_nth(rank, world_size))
     if shuffle:
-        stages.append(wds.shuffle(shuffle, seed=seed))
+        stages.append(wds.shuffle(shuffle, seed=seed + rank))
     allowed = frozenset(clusters)
     stages.append(wds.map(lambda s: _decode_sample(s, allowed)))
     return wds.DataPipeline(*stages)
+
+
+def _spread_order(groups: list[list[ShardEntry]], seed: int) -> list[ShardEntry]:
+    """The clusters' shards (one group per cluster) in random order, each cluster's spread
+    evenly along it (the j-th of its n shards lands near position j/n), so that any
+    OPEN_SHARDS consecutive ones span the clusters instead of clumping."""
+    rng = np.random.default_rng(seed)
+    keyed = []
+    for group in groups:
+        for j, i in enumerate(rng.permutation(len(group))):
+            keyed.append(((j + rng.random()) / len(group), group[i]))
+    keyed.sort(key=lambda pair: pair[0])
+    return [s for _, s in keyed]
+
+
+def _interleaved(open_at_once: int, seed: int):
+    """Samples from up to `open_at_once` shards at a time, the next one drawn from a random
+    open shard; a finished shard is replaced by the next in order."""
+
+    def interleave(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = random.Random(seed)
+        pending = iter(src)
+        live: list[Iterator[dict[str, Any]]] = []
+        while True:
+            while len(live) < open_at_once and (shard := next(pending, None)) is not None:
+                expanded = wds.tariterators.tar_file_expander([shard])
+                live.append(wds.tariterators.group_by_keys(expanded))
+            if not live:
+                return
+            i = rng.randrange(len(live))
+            sample = next(live[i], None)
+            if sample is None:
+                live.pop(i)
+            else:
+                yield sample
+
+    return interleave
 
 
 def _every_nth(offset: int, n: int):

@@ -15,7 +15,7 @@ import torch
 
 from cluster_jobs.clustering import cluster_images, heldout_mask
 from cluster_jobs.prepare import PrepareConfig, prepare
-from cluster_jobs.shards import cluster_dataset
+from cluster_jobs.shards import cluster_dataset, clusters_dataset
 from ddm_nodes.dataset_manifest import FEATURES_KEY, MANIFEST_KEY, DatasetManifest
 from ddm_nodes.errors import DDMError, IntegrityError
 from ddm_nodes.features import FeatureSpace
@@ -136,6 +136,41 @@ def test_ranks_split_a_cluster_disjointly(prepared_digits):
     ]
     assert not parts[0] & parts[1]
     assert parts[0] | parts[1] == everything
+
+
+def test_shuffled_reading_of_all_clusters_mixes_them_in_every_batch(prepared_digits):
+    """Shards hold one cluster each; a router trained on batches read shard after shard learns
+    the recent batches' cluster. Every batch of a shuffled read (buffer smaller than a shard)
+    must draw on most clusters, where a shard-after-shard read draws on one or two."""
+    cfg, manifest = prepared_digits
+    K = manifest.num_clusters
+    everything = range(K)
+
+    def clusters_per_batch(**kw):
+        seen = [s["cluster"] for s in clusters_dataset(cfg.store, everything, **kw)]
+        return [len(set(seen[i : i + 64])) for i in range(0, len(seen) - 63, 64)]
+
+    assert min(clusters_per_batch(shuffle=50, seed=3)) >= K - 1
+    assert max(clusters_per_batch()) <= 2  # what the shuffle has to undo
+
+
+def test_ranks_split_a_shuffled_read_disjointly(prepared_digits):
+    """Each rank shuffles its own buffer, but cuts its share from one seeded shard order."""
+    cfg, manifest = prepared_digits
+    everything = range(manifest.num_clusters)
+    all_keys = {s["key"] for s in clusters_dataset(cfg.store, everything)}
+    for world in (2, 3):
+        parts = [
+            [
+                s["key"]
+                for s in clusters_dataset(
+                    cfg.store, everything, shuffle=50, seed=5, rank=r, world_size=world
+                )
+            ]
+            for r in range(world)
+        ]
+        assert sum(map(len, parts)) == len(all_keys)
+        assert set().union(*parts) == all_keys
 
 
 def test_shuffled_reading_yields_the_same_samples(prepared_digits):
