@@ -42,9 +42,13 @@ class ClusterInfo(BaseModel):
     pid: int | None = None  # of `ray start --head --block`; None: a head ddm did not start
 
     def env(self) -> dict[str, str]:
-        """What a Ray client needs to talk to this head."""
+        """What Ray's clients need to talk to this head: ray.init (`serve run`, scripts)
+        wants the GCS address in RAY_ADDRESS and refuses a URL there; `ray job` reads
+        RAY_API_SERVER_ADDRESS first, `serve deploy|status` RAY_DASHBOARD_ADDRESS."""
         return {
-            "RAY_ADDRESS": self.dashboard_url,
+            "RAY_ADDRESS": self.gcs_address,
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+            "RAY_DASHBOARD_ADDRESS": self.dashboard_url,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": self.token_path,
         }
@@ -111,7 +115,8 @@ def up(
         "--disable-usage-stats",
     ]  # fmt: skip
     env = {**os.environ, **info.env()}
-    env.pop("RAY_ADDRESS")  # `ray start --head` must not try to join another cluster
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS"):
+        env.pop(key)  # `ray start --head` must not try to join another cluster
     # Job entrypoints say `python`: make it this environment's interpreter, with ddm in it.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log_path = folder / "head.log"

@@ -19,7 +19,6 @@ confidence (max softmax), for correlating quality with per-sample routing statis
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import torch
