@@ -116,11 +116,17 @@ def cluster_up(
     port: Annotated[int, typer.Option(help="GCS port")] = 6379,
     dashboard_port: Annotated[int, typer.Option(help="dashboard / job API port")] = 8265,
     metrics_export_port: Annotated[int, typer.Option(help="Prometheus export port")] = 8080,
+    dashboard_agent_listen_port: Annotated[
+        int | None, typer.Option(help="the job agent's HTTP port [a free one]")
+    ] = None,
 ) -> None:
     """Start a local Ray head (127.0.0.1, token auth); prints its addresses as JSON."""
     from cluster_jobs.local_cluster import up
 
-    info = up(num_cpus, port, dashboard_port, metrics_export_port)
+    info = up(
+        num_cpus, port, dashboard_port, metrics_export_port,
+        dashboard_agent_listen_port=dashboard_agent_listen_port,
+    )  # fmt: skip
     print(info.model_dump_json())
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -60,12 +59,6 @@ class _Progress:
         print(f"[demo {int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {line}", flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddm() -> str:
     exe = Path(sys.executable).with_name("ddm")
     return str(exe) if exe.exists() else "ddm"
@@ -91,16 +84,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
         progress.step("starting a local Ray head on 127.0.0.1")
         head = local_cluster.up(
             num_cpus=os.cpu_count() or 2,
-            port=_free_port(),
-            dashboard_port=_free_port(),
-            metrics_export_port=_free_port(),
+            port=local_cluster.free_port(),
+            dashboard_port=local_cluster.free_port(),
+            metrics_export_port=local_cluster.free_port(),
         )
         cleanup.callback(_stopping, progress, "Ray head", local_cluster.down)
         local_cluster.use_local_cluster_auth()
         progress.say(f"Ray dashboard (job API) {head.dashboard_url}")
 
         progress.step("starting Prometheus (`ddm stack up`) on the head's metrics port")
-        prom = stack.up(port=_free_port(), metrics_export_port=head.metrics_export_port)
+        prom = stack.up(
+            port=local_cluster.free_port(), metrics_export_port=head.metrics_export_port
+        )
         cleanup.callback(_stopping, progress, "Prometheus", stack.down)
         progress.say(f"Prometheus at {prom.url} (training and serving metrics)")
 
@@ -139,7 +134,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
         progress.say(f"report: {analysis / 'report.md'}")
 
         progress.step("starting the Serve app (`ddm serve`)")
-        url = _serve(store, _free_port(), out / "serve.log", cleanup, progress)
+        url = _serve(store, local_cluster.free_port(), out / "serve.log", cleanup, progress)
 
         progress.step(f"HTTP sampling requests: {', '.join(STRATEGIES)}")
         written = {}

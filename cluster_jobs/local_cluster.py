@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -85,13 +86,23 @@ def _dashboard_up(url: str) -> bool:
         return getattr(e, "code", None) is not None
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def up(
     num_cpus: float | None = None,
     port: int = 6379,
     dashboard_port: int = 8265,
     metrics_export_port: int = 8080,
     timeout_s: float = 180,
+    dashboard_agent_listen_port: int | None = None,
 ) -> ClusterInfo:
+    """Start the head (or return the running one). The job agent's port is free-chosen by
+    default: Ray's fixed 52365 makes a second head on the machine start without a job agent,
+    and every job submitted to it fails with "No available agent"."""
     info = load_info()
     if info is not None and _dashboard_up(info.dashboard_url):
         return info
@@ -112,6 +123,7 @@ def up(
         _ray_cli(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--metrics-export-port", str(metrics_export_port), "--num-cpus", str(info.num_cpus),
+        "--dashboard-agent-listen-port", str(dashboard_agent_listen_port or free_port()),
         "--disable-usage-stats",
     ]  # fmt: skip
     env = {**os.environ, **info.env()}
