@@ -146,6 +146,18 @@ def ddm():
     return run_ddm
 
 
+def run_ddm_in_process(*args: str) -> subprocess.CompletedProcess:
+    """The same CLI in this process (Typer's test runner): for batteries of bad-input cases,
+    where a subprocess per case would spend most of its time importing torch. At least
+    one case per battery should still go through `run_ddm`, the console script."""
+    from typer.testing import CliRunner
+
+    from cluster_jobs.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 # --- data shared across modules (loaded once per session; tests must not modify them) ---
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_tiny_ddm
+from conftest import build_tiny_ddm, run_ddm_in_process
 
 from cluster_jobs import alignment, quality, stability
 from cluster_jobs.train_config import TrainConfig
@@ -237,13 +237,13 @@ def test_ddm_analyze_quick_writes_results_report_and_plots(analysed_store, tmp_p
 
 
 def test_ddm_analyze_bad_input_exits_2(analysed_store, tmp_path, ddm):
-    for args in (
-        ["--strategies", "top-9"],
-        ["--strategies", "oracle"],
-        ["--seeds", "a,b"],
-        ["--inception", str(tmp_path / "missing.pt")],
+    for run, args in (
+        (ddm, ["--strategies", "top-9"]),  # the console script once; the rest in-process
+        (run_ddm_in_process, ["--strategies", "oracle"]),
+        (run_ddm_in_process, ["--seeds", "a,b"]),
+        (run_ddm_in_process, ["--inception", str(tmp_path / "missing.pt")]),
     ):
-        done = ddm("analyze", "--store", analysed_store, "--out", str(tmp_path), *args)
+        done = run("analyze", "--store", analysed_store, "--out", str(tmp_path), *args)
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
@@ -255,14 +255,14 @@ def test_submit_analyze_checks_its_arguments_before_any_job(analysed_store, tmp_
     """Bad `ddm analyze` arguments after `--` fail with exit 2 before Ray is contacted (the
     address below answers nothing), and so does mixing --analyze with training."""
     no_ray = ["--address", "http://127.0.0.1:9"]
-    for tail, needle in (
-        (["--analyze", "--", "--out", str(tmp_path), "--strategies", "top-9"], "top-9"),
-        (["--analyze", "--", "--out", str(tmp_path), "--bogus"], "--bogus"),
-        (["--analyze", "--", "--n", "10"], "--out"),
-        (["--analyze", "--router", "--", "--out", str(tmp_path)], "separately"),
-        (["--", "--out", str(tmp_path)], "only --analyze"),
+    for run, tail, needle in (
+        (ddm, ["--analyze", "--", "--out", str(tmp_path), "--strategies", "top-9"], "top-9"),
+        (run_ddm_in_process, ["--analyze", "--", "--out", str(tmp_path), "--bogus"], "--bogus"),
+        (run_ddm_in_process, ["--analyze", "--", "--n", "10"], "--out"),
+        (run_ddm_in_process, ["--analyze", "--router", "--", "--out", str(tmp_path)], "separ"),
+        (run_ddm_in_process, ["--", "--out", str(tmp_path)], "only --analyze"),
     ):
-        done = ddm("submit", "--store", analysed_store, *no_ray, *tail)
+        done = run("submit", "--store", analysed_store, *no_ray, *tail)
         assert done.returncode == 2, (tail, done.stderr)
         assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
 

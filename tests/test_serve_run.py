@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.conftest import build_tiny_ddm, free_port
+from conftest import build_tiny_ddm, free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
