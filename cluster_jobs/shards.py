@@ -141,12 +141,12 @@ def clusters_dataset(
     groups: list[list[ShardEntry]] = []
     for cluster in clusters:
         own_prefix = shard_key(split, cluster, 0).rsplit("/", 1)[0] + "/"
-        for s in manifest.shards(split, cluster):
+        groups.append(list(manifest.shards(split, cluster)))
+        for s in groups[-1]:
             if not s.key.startswith(own_prefix):  # isolation: never read another cluster's data
                 raise IntegrityError(
                     f"manifest lists {s.key} under cluster {cluster}; re-run prepare"
                 )
-        groups.append(list(manifest.shards(split, cluster)))
     shards = _spread_order(groups, seed) if shuffle else [s for g in groups for s in g]
     by_shard = world_size > 1 and len(shards) >= world_size
     if by_shard:
