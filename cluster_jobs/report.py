@@ -50,6 +50,20 @@ def _rank_corr(rows: dict[str, dict], a: tuple[str, ...], b: tuple[str, ...]) ->
     return spearman(torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64))
 
 
+def _stability_verdict(rho: float | None) -> str:
+    """ρ(L_eff, FID): lower L_eff is more stable and lower FID better, so ρ > 0 means the
+    stable strategies are the good ones, and ρ < 0 that stability is bought with quality
+    (the paper: the full ensemble is the most stable and the worst)."""
+    if rho is None or abs(rho) < 0.5:
+        return "stability does not predict quality here, as the paper found."
+    if rho > 0:
+        return "here the more stable strategies are the better ones, unlike the paper."
+    return (
+        "here the more stable strategies are the worse ones: stability does not buy "
+        "quality, the paper's dissociation."
+    )
+
+
 def findings(report: dict[str, Any]) -> list[str]:
     rows = report["strategies"]
     fid = {k: _get(r, "quality", "fid", "mean") for k, r in rows.items()}
@@ -86,12 +100,7 @@ def findings(report: dict[str, Any]) -> list[str]:
             f"**Stability.** The most stable strategy by median L_eff is {stable} "
             f"({lip[stable]:.4g}); by median Δ_refine "
             f"{min(refine, key=lambda k: refine[k] or math.inf)}. Spearman ρ(L_eff, FID) "
-            f"across strategies = {_fmt(rho)}"
-            + (
-                " : stability does not predict quality here, as the paper found."
-                if rho is None or abs(rho) < 0.5
-                else " : here stability does track quality, unlike the paper's finding."
-            )
+            f"across strategies = {_fmt(rho)}: {_stability_verdict(rho)}"
         )
         flips = {k: _get(r, "stability", "flipped_fraction") for k, r in rows.items()}
         out.append(
@@ -108,9 +117,15 @@ def findings(report: dict[str, Any]) -> list[str]:
         )
     rho_a = _rank_corr(rows, ("alignment", "centroid_rate"), ("quality", "fid", "mean"))
     if rho_a is not None:
+        if rho_a <= -0.5:
+            verdict = "better-aligned routing goes with lower FID, the paper's claim"
+        elif rho_a >= 0.5:
+            verdict = "better-aligned routing goes with higher FID here, against the paper's claim"
+        else:
+            verdict = "no clear relation here"
         out.append(
             f"**Alignment (i).** Spearman ρ(centroid alignment rate, FID) across strategies "
-            f"= {_fmt(rho_a)} (negative: better-aligned routing, lower FID, the paper's claim)."
+            f"= {_fmt(rho_a)}: {verdict}."
         )
     ratios = {k: _get(r, "accuracy", "ratio") for k, r in rows.items()}
     ratios = {k: v for k, v in ratios.items() if v is not None}

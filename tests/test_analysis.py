@@ -191,6 +191,29 @@ class _InceptionContract(torch.nn.Module):
         return pooled.flatten(1)
 
 
+def test_report_reads_the_stability_and_alignment_correlations_the_right_way():
+    """Lower L_eff is more stable, lower FID better: stable-and-worse is the paper's
+    dissociation, stable-and-better is not; alignment up with FID down is the paper's claim."""
+    from cluster_jobs.report import findings
+
+    def report(l_eff, align, fid):
+        rows = {
+            name: {
+                "quality": {"fid": {"mean": f, "std": 0.1}},
+                "stability": {"l_eff": {"median": lip}, "delta_refine": {"median": 0.1}},
+                "alignment": {"centroid_rate": a},
+            }
+            for name, lip, a, f in zip(("full", "top-1", "top-2"), l_eff, align, fid, strict=True)
+        }
+        return " ".join(findings({"strategies": rows}))
+
+    stable_is_worse = report([0.90, 0.91, 0.92], [0.9, 0.8, 0.7], [9.0, 8.0, 7.0])
+    assert "the paper's dissociation" in stable_is_worse and "against the paper" in stable_is_worse
+    stable_is_better = report([0.90, 0.91, 0.92], [0.9, 0.8, 0.7], [7.0, 8.0, 9.0])
+    assert "more stable strategies are the better ones" in stable_is_better
+    assert "the paper's claim" in stable_is_better and "against" not in stable_is_better
+
+
 def test_ddm_analyze_quick_writes_results_report_and_plots(analysed_store, tmp_path, ddm):
     out = tmp_path / "report"
     inception = tmp_path / "inception.pt"
