@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster_jobs import alignment, quality, stability
 from cluster_jobs.sampling import grid_png, write_atomic
-from ddm_nodes.checkpoint import MONOLITH_PREFIX, ROUTER_PREFIX, load_model
+from ddm_nodes.checkpoint import MONOLITH_PREFIX, ROUTER_PREFIX, has_checkpoint, load_model
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import Expert, ExpertSpec
@@ -36,7 +36,7 @@ from ddm_nodes.store import Store, open_store
 from router_service.local_experts import LocalExperts
 from router_service.policies import RoutingError, get_policy
 from router_service.sampler import initial_noise
-from router_service.store_models import check_experts_present, has_checkpoint
+from router_service.store_models import check_experts_present
 
 DEFAULT_STRATEGIES = ["full", "top-1", "top-2", "threshold-0.2", "nearest-centroid", "uniform"]
 MONOLITH = "monolith"

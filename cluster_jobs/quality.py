@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ddm_nodes.checkpoint import FEATNET_PREFIX, load_model
+from ddm_nodes.checkpoint import FEATNET_PREFIX, has_checkpoint, load_model
 from ddm_nodes.errors import DDMError
 from ddm_nodes.router_net import RouterNet
 from ddm_nodes.store import Store
@@ -52,7 +52,7 @@ class FeatNet:
 
     @classmethod
     def check_present(cls, store: Store) -> None:
-        if not store.exists(f"{FEATNET_PREFIX}/manifest.json"):
+        if not has_checkpoint(store, FEATNET_PREFIX):
             raise DDMError(
                 f"store {store.uri} has no feature network: train it with "
                 f"`ddm train featnet --store {store.uri}`"

@@ -16,11 +16,11 @@ from safetensors.torch import load as load_safetensors
 
 from cluster_jobs.train_config import TrainConfig
 from ddm_nodes.checkpoint import (
-    MANIFEST_FILE,
     TRAINING_FILE,
     WEIGHTS_FILE,
     CheckpointManifest,
     fetch_verified,
+    has_checkpoint,
     load_state,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -53,7 +53,7 @@ def find_resume_point(
     again). Both can exist and disagree, since Ray only knows the checkpoints reported to
     it, so the higher step wins."""
     candidates = [framework_pointer] if framework_pointer else []
-    if framework_pointer and not store.exists(f"{framework_pointer['prefix']}/{MANIFEST_FILE}"):
+    if framework_pointer and not has_checkpoint(store, framework_pointer["prefix"]):
         # Ray Train's run storage outlives the store: a store prepared again under the
         # same path leaves Ray a pointer to a checkpoint that is gone. Start from the store.
         log.warning(

@@ -105,6 +105,11 @@ def save_checkpoint(
     return done
 
 
+def has_checkpoint(store: Store, prefix: str) -> bool:
+    """Whether a checkpoint (its manifest) exists under `prefix`."""
+    return store.exists(f"{prefix}/{MANIFEST_FILE}")
+
+
 def read_manifest(store: Store, prefix: str) -> CheckpointManifest:
     key = f"{prefix}/{MANIFEST_FILE}"
     if not store.exists(key):

@@ -23,6 +23,7 @@ from ddm_nodes.checkpoint import (
     TRAINING_FILE,
     expert_prefix,
     fetch_verified,
+    has_checkpoint,
     load_model,
     read_manifest,
 )
@@ -46,10 +47,6 @@ class ExpertCard(BaseModel):
     preset: str
     conditional: bool
     step: int
-
-
-def has_checkpoint(store: Store, prefix: str) -> bool:
-    return store.exists(f"{prefix}/{MANIFEST_FILE}")
 
 
 def check_experts_present(store: Store, manifest: DatasetManifest) -> None:
