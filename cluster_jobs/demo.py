@@ -35,8 +35,14 @@ class DemoConfig(BaseModel):
     dataset: str = "fashion-mnist"
     clusters: int = Field(4, ge=2, le=16)
     preset: str = "unet-tiny"
-    expert_steps: int = Field(100, ge=1)
-    router_steps: int = Field(300, ge=1, description="the router's and the featnet's")
+    # Few steps at a high rate with a short warm-up. bench/schedules.py (one expert of the
+    # demo's store, one thread): 50 steps at 2e-3 (warm-up 10) reach a held-out loss of
+    # 0.250 in 72 s, where 100 steps at the default 3e-4, all of them warm-up, reached
+    # 0.284 in 154 s.
+    expert_steps: int = Field(50, ge=1)
+    expert_lr: float = Field(2e-3, gt=0, le=1)
+    warmup_steps: int = Field(10, ge=0, description="every demo job's learning-rate warm-up")
+    router_steps: int = Field(200, ge=1, description="the router's and the featnet's")
     batch_size: int = Field(64, ge=1)
     n: int = Field(16, ge=1, le=64, description="images per HTTP sampling request")
     sample_steps: int = Field(20, ge=1, le=200)
@@ -117,21 +123,22 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
             f"training {cfg.clusters} experts ({cfg.preset}, {cfg.expert_steps} steps), the "
             f"router and the feature network ({cfg.router_steps} steps) as Ray jobs"
         )
-        common = dict(batch_size=cfg.batch_size, checkpoint_every=max(cfg.expert_steps, 50))
+        common = dict(batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps)
+        expert = dict(preset=cfg.preset, steps=cfg.expert_steps, lr=cfg.expert_lr)
         configs = jobs.plan(
-            store, "all", False, False, dict(preset=cfg.preset, steps=cfg.expert_steps, **common)
+            store, "all", False, False, dict(checkpoint_every=cfg.expert_steps, **expert, **common)
         )
-        configs += jobs.plan(
-            store, "none", True, False, dict(steps=cfg.router_steps, **common), featnet=True
-        )
+        classifier = dict(steps=cfg.router_steps, checkpoint_every=cfg.router_steps, **common)
+        configs += jobs.plan(store, "none", True, False, classifier, featnet=True)
         _run_jobs(jobs, head.dashboard_url, configs, progress)
 
-        progress.step("quick analysis (`ddm analyze --quick`) as a Ray job")
+        # The analysis runs while Serve starts and answers: Serve's start-up mostly waits
+        # on its controller and replicas, and the analysis uses that CPU.
+        progress.step("quick analysis (`ddm analyze --quick`) as a Ray job, in the background")
         analysis = out / "analysis"
         args = ["--store", store, "--out", str(analysis), "--quick"]
         args += ["--strategies", "full,top-1,top-2"]
-        _run_jobs(jobs, head.dashboard_url, [jobs.AnalyzeJob(args)], progress)
-        progress.say(f"report: {analysis / 'report.md'}")
+        analyze_job = jobs.submit(head.dashboard_url, [jobs.AnalyzeJob(args)])
 
         progress.step("starting the Serve app (`ddm serve`)")
         url = _serve(store, local_cluster.free_port(), out / "serve.log", cleanup, progress)
@@ -145,9 +152,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
             write_atomic(path, grid_png(run.images))
             written[f"samples-{strategy}"] = str(path)
             progress.say(
-                f"{strategy}: {cfg.n} images in {run.seconds:.1f} s, "
+                f"{strategy}: {cfg.n} images in {run.seconds:.1f} s (beside the analysis), "
                 f"{run.experts_per_step:.2f} experts per step -> {path}"
             )
+
+        progress.say("waiting for the quick analysis")
+        _wait_jobs(jobs, head.dashboard_url, analyze_job, progress)
+        progress.say(f"report: {analysis / 'report.md'}")
 
         requests_seen = _wait_for_series(prom.url, "ray_ddm_serve_requests_total")
         progress.say(
@@ -187,18 +198,22 @@ def _stopping(progress: _Progress, what: str, stop) -> None:
 
 
 def _run_jobs(jobs, address: str, configs: list, progress: _Progress) -> None:
-    """In waves of one job per CPU: on 2 cores, every pending job's driver and Ray Train
-    controller still take CPU while they wait, which halved the running ones' speed."""
+    """In waves of one job per CPU. On 2 cores, every pending job's driver and Ray Train
+    controller still take CPU while they wait, which halved the running ones' speed; and
+    all 6 jobs at once on a third of a CPU each took 556 s against 498 s in waves (more
+    processes contending, each wave's start-up overlapped but no CPU left to overlap it)."""
     wave = max(1, os.cpu_count() or 1)
-    states: dict[str, str] = {}
     for i in range(0, len(configs), wave):
-        done = jobs.submit(address, configs[i : i + wave])
-        states |= jobs.wait(
-            address,
-            [s.submission_id for s in done],
-            poll_s=2.0,
-            on_change=lambda sid, st: progress.say(f"  {st:9s} {sid}"),
-        )
+        _wait_jobs(jobs, address, jobs.submit(address, configs[i : i + wave]), progress)
+
+
+def _wait_jobs(jobs, address: str, submitted: list, progress: _Progress) -> None:
+    states = jobs.wait(
+        address,
+        [s.submission_id for s in submitted],
+        poll_s=2.0,
+        on_change=lambda sid, st: progress.say(f"  {st:9s} {sid}"),
+    )
     failed = [sid for sid, st in states.items() if st != "SUCCEEDED"]
     if failed:
         tail = jobs.logs(address, failed[0]).strip().splitlines()[-5:]

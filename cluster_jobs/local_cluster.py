@@ -131,6 +131,10 @@ def up(
         env.pop(key)  # `ray start --head` must not try to join another cluster
     # Job entrypoints say `python`: make it this environment's interpreter, with ddm in it.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # On SIGTERM Ray 2.60 drains the node for up to 30 s so Serve can move replicas to
+    # other nodes; a one-node local head has none to move them to, and `down` waited out
+    # the whole 30 s every time.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     log_path = folder / "head.log"
     with open(log_path, "wb") as log:
         head = subprocess.Popen(
