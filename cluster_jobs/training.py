@@ -29,6 +29,7 @@ import torch
 from cluster_jobs.train_checkpoints import (
     TrainState,
     find_resume_point,
+    has_checkpoint,
     read_manifest,
     restore,
     save_training_checkpoint,
@@ -302,7 +303,7 @@ def launch(cfg: TrainConfig, storage_path: str | None = None) -> TrainOutcome:
     from ray.train.torch import TorchTrainer
 
     store, _ = validate(cfg)
-    if not cfg.restart and store.exists(f"{cfg.prefix}/manifest.json"):
+    if not cfg.restart and has_checkpoint(store, cfg.prefix):
         done = read_manifest(store, cfg.prefix)
         if done.final and done.step >= cfg.steps:
             log.info("%s: already trained to step %d; nothing to do", cfg.name, done.step)
