@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# Tests press Ctrl-C on the processes they start (`ddm demo`, `ddm serve`, `serve run`). A
+# shell that runs pytest in the background (`make test &` in a script) ignores SIGINT, and
+# an ignored signal survives exec: Ctrl-C would never reach those children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
