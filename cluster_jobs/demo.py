@@ -123,12 +123,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
             f"training {cfg.clusters} experts ({cfg.preset}, {cfg.expert_steps} steps), the "
             f"router and the feature network ({cfg.router_steps} steps) as Ray jobs"
         )
+        # checkpoint_every = steps: one checkpoint, at the end
         common = dict(batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps)
-        expert = dict(preset=cfg.preset, steps=cfg.expert_steps, lr=cfg.expert_lr)
-        configs = jobs.plan(
-            store, "all", False, False, dict(checkpoint_every=cfg.expert_steps, **expert, **common)
-        )
+        expert = dict(preset=cfg.preset, lr=cfg.expert_lr, **common)
+        expert |= dict(steps=cfg.expert_steps, checkpoint_every=cfg.expert_steps)
         classifier = dict(steps=cfg.router_steps, checkpoint_every=cfg.router_steps, **common)
+        configs = jobs.plan(store, "all", False, False, expert)
         configs += jobs.plan(store, "none", True, False, classifier, featnet=True)
         _run_jobs(jobs, head.dashboard_url, configs, progress)
 

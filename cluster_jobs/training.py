@@ -29,8 +29,6 @@ import torch
 from cluster_jobs.train_checkpoints import (
     TrainState,
     find_resume_point,
-    has_checkpoint,
-    read_manifest,
     restore,
     save_training_checkpoint,
 )
@@ -44,6 +42,7 @@ from cluster_jobs.train_tasks import (
     training_clusters,
 )
 from ddm_nodes import flow
+from ddm_nodes.checkpoint import has_checkpoint, read_manifest
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import Expert

@@ -282,7 +282,11 @@ def test_submit_analyze_checks_its_arguments_before_any_job(analysed_store, tmp_
         (ddm, ["--analyze", "--", "--out", str(tmp_path), "--strategies", "top-9"], "top-9"),
         (run_ddm_in_process, ["--analyze", "--", "--out", str(tmp_path), "--bogus"], "--bogus"),
         (run_ddm_in_process, ["--analyze", "--", "--n", "10"], "--out"),
-        (run_ddm_in_process, ["--analyze", "--router", "--", "--out", str(tmp_path)], "separ"),
+        (
+            run_ddm_in_process,
+            ["--analyze", "--router", "--", "--out", str(tmp_path)],
+            "separately",
+        ),
         (run_ddm_in_process, ["--", "--out", str(tmp_path)], "only --analyze"),
     ):
         done = run("submit", "--store", analysed_store, *no_ray, *tail)
