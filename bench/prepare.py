@@ -21,7 +21,7 @@ import uuid
 
 
 def run_one(dataset: str, clusters: int, store: str) -> dict:
-    from cluster_jobs.prepare import PrepareConfig, prepare
+    from cluster_jobs.data.prepare import PrepareConfig, prepare
 
     cfg = PrepareConfig(dataset=dataset, clusters=clusters, store=store, overwrite=True)
     start = time.perf_counter()

@@ -27,10 +27,10 @@ def main() -> None:
     ap.add_argument("--store", help="a prepared store (default: prepare fashion-mnist K=8)")
     args = ap.parse_args()
 
-    from cluster_jobs.prepare import PrepareConfig, prepare
-    from cluster_jobs.train_config import TrainConfig
-    from cluster_jobs.train_tasks import batch_stream, heldout_loss, make_task
-    from cluster_jobs.training import train_local
+    from cluster_jobs.data.prepare import PrepareConfig, prepare
+    from cluster_jobs.training.config import TrainConfig
+    from cluster_jobs.training.tasks import batch_stream, heldout_loss, make_task
+    from cluster_jobs.training.worker import train_local
     from ddm_nodes.checkpoint import load_model
     from ddm_nodes.dataset_manifest import DatasetManifest
     from ddm_nodes.experts import Expert, ExpertSpec

@@ -25,10 +25,10 @@ def main() -> None:
     ap.add_argument("--store", help="a store with K experts and a router already trained")
     args = ap.parse_args()
 
-    from cluster_jobs.prepare import PrepareConfig, prepare
-    from cluster_jobs.sampling import run_sample
-    from cluster_jobs.train_config import TrainConfig
-    from cluster_jobs.training import train_local
+    from cluster_jobs.analysis.sampling import run_sample
+    from cluster_jobs.data.prepare import PrepareConfig, prepare
+    from cluster_jobs.training.config import TrainConfig
+    from cluster_jobs.training.worker import train_local
     from router_service.local_experts import LocalExperts
 
     store = args.store

@@ -27,10 +27,10 @@ def main() -> None:
     ap.add_argument("--preset", default="unet-tiny")
     args = ap.parse_args()
 
-    from cluster_jobs.prepare import PrepareConfig, prepare
-    from cluster_jobs.train_config import TrainConfig
-    from cluster_jobs.train_tasks import heldout_loss
-    from cluster_jobs.training import train_local
+    from cluster_jobs.data.prepare import PrepareConfig, prepare
+    from cluster_jobs.training.config import TrainConfig
+    from cluster_jobs.training.tasks import heldout_loss
+    from cluster_jobs.training.worker import train_local
     from ddm_nodes.checkpoint import load_model
     from ddm_nodes.dataset_manifest import DatasetManifest
     from ddm_nodes.experts import Expert, ExpertSpec

@@ -48,9 +48,9 @@ def free_port() -> int:
 
 
 def build_store(train_steps: int) -> str:
-    from cluster_jobs.prepare import PrepareConfig, prepare
-    from cluster_jobs.train_config import TrainConfig
-    from cluster_jobs.training import train_local
+    from cluster_jobs.data.prepare import PrepareConfig, prepare
+    from cluster_jobs.training.config import TrainConfig
+    from cluster_jobs.training.worker import train_local
 
     store = os.path.join(tempfile.mkdtemp(prefix="ddm-bench-serve-"), "store")
     prepare(PrepareConfig(dataset="fashion-mnist", clusters=8, store=store))
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--batch-wait", type=float, default=None, help="batch_wait_timeout_s")
     args = ap.parse_args()
 
-    from cluster_jobs.sampling import run_sample
+    from cluster_jobs.analysis.sampling import run_sample
     from router_service.app_config import BatchConfig
     from router_service.local_experts import LocalExperts
 

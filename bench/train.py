@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def bare_loop(cfg, steps: int, threads: int) -> float:
     """The same task, data stream and optimizer as a job, with no Ray and no Accelerate."""
-    from cluster_jobs.train_tasks import batch_stream, lr_at, make_task
+    from cluster_jobs.training.tasks import batch_stream, lr_at, make_task
     from ddm_nodes.dataset_manifest import DatasetManifest
     from ddm_nodes.store import open_store
 
@@ -58,7 +58,7 @@ def bare_loop(cfg, steps: int, threads: int) -> float:
 def ray_job(cfg) -> float:
     import ray
 
-    from cluster_jobs.training import launch
+    from cluster_jobs.training.worker import launch
 
     outcome = launch(cfg)
     ray.shutdown()  # the local instance launch() started; the next part starts a head
@@ -121,8 +121,8 @@ def main() -> None:
     ap.add_argument("--only-all", action="store_true", help="skip the ratio part")
     args = ap.parse_args()
 
-    from cluster_jobs.prepare import PrepareConfig, prepare
-    from cluster_jobs.train_config import TrainConfig
+    from cluster_jobs.data.prepare import PrepareConfig, prepare
+    from cluster_jobs.training.config import TrainConfig
 
     tmp = tempfile.mkdtemp(prefix="ddm-bench-train-")
     store = os.path.join(tmp, "store")

@@ -7,15 +7,22 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
-from cluster_jobs.train_commands import COMMANDS
-from cluster_jobs.user_errors import user_errors
+from cluster_jobs.analysis.command import COMMAND as ANALYZE
+from cluster_jobs.ops.demo import DemoConfig
+from cluster_jobs.options import ModelOptions, paragraphs, with_options
+from cluster_jobs.training.commands import COMMANDS, train_options
+from cluster_jobs.training.config import preset_names
+from cluster_jobs.user_errors import UsageGroup, user_errors
 from ddm_nodes.errors import DDMError
+from ddm_nodes.names import expert_name
+from ddm_nodes.presets import DEFAULT_ROUTER_LR, DEFAULT_ROUTER_PRESET
 
 app = typer.Typer(
+    cls=UsageGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -28,8 +35,18 @@ def _main() -> None:
     """Decentralized Diffusion Models: experts trained apart, served together."""
 
 
-@app.command()
-@user_errors
+def command(on: typer.Typer, name: str | None = None, **settings: Any) -> Callable:
+    """Register a function as a command of `on`: its docstring as help paragraphs, and a
+    problem the user can fix as one `error:` line and exit 2."""
+
+    def register(fn: Callable) -> Callable:
+        on.command(name, help=paragraphs(fn.__doc__), **settings)(user_errors(fn))
+        return fn
+
+    return register
+
+
+@command(app)
 def prepare(
     store: Annotated[str, typer.Option(help="store URI: PATH, file:///PATH or s3://BUCKET/PREFIX")],
     dataset: Annotated[
@@ -48,8 +65,8 @@ def prepare(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Cluster a data set and write per-cluster WebDataset shards into a store."""
-    from cluster_jobs.prepare import PrepareConfig
-    from cluster_jobs.prepare import prepare as run_prepare
+    from cluster_jobs.data.prepare import PrepareConfig
+    from cluster_jobs.data.prepare import prepare as run_prepare
 
     cfg = PrepareConfig(
         dataset=dataset,
@@ -98,30 +115,31 @@ cluster_app = typer.Typer(no_args_is_help=True, help="A local Ray head on loopba
 app.add_typer(cluster_app, name="cluster")
 Address = Annotated[
     str | None,
-    typer.Option(help="Ray job API (dashboard) URL [from `ddm cluster up`, else :8265]"),
+    typer.Option(help="Ray job API (dashboard) URL (default: from `ddm cluster up`, else :8265)"),
 ]
 
 
 def _address(address: str | None) -> str:
-    from cluster_jobs.local_cluster import use_local_cluster_auth
+    from cluster_jobs.ops.local_cluster import use_local_cluster_auth
 
     info = use_local_cluster_auth()
     return address or (info.dashboard_url if info else "http://127.0.0.1:8265")
 
 
-@cluster_app.command("up")
-@user_errors
+@command(cluster_app, "up")
 def cluster_up(
-    num_cpus: Annotated[int | None, typer.Option(help="CPUs Ray may schedule [all]")] = None,
+    num_cpus: Annotated[
+        int | None, typer.Option(help="CPUs Ray may schedule (default: all)")
+    ] = None,
     port: Annotated[int, typer.Option(help="GCS port")] = 6379,
     dashboard_port: Annotated[int, typer.Option(help="dashboard / job API port")] = 8265,
     metrics_export_port: Annotated[int, typer.Option(help="Prometheus export port")] = 8080,
     dashboard_agent_listen_port: Annotated[
-        int | None, typer.Option(help="the job agent's HTTP port [a free one]")
+        int | None, typer.Option(help="the job agent's HTTP port (default: a free one)")
     ] = None,
 ) -> None:
     """Start a local Ray head (127.0.0.1, token auth); prints its addresses as JSON."""
-    from cluster_jobs.local_cluster import up
+    from cluster_jobs.ops.local_cluster import up
 
     info = up(
         num_cpus, port, dashboard_port, metrics_export_port,
@@ -130,29 +148,26 @@ def cluster_up(
     print(info.model_dump_json())
 
 
-@cluster_app.command("down")
-@user_errors
+@command(cluster_app, "down")
 def cluster_down() -> None:
     """Stop the local Ray head that `ddm cluster up` started."""
-    from cluster_jobs.local_cluster import down
+    from cluster_jobs.ops.local_cluster import down
 
     print("stopped" if down() else "no local cluster was running")
 
 
-@cluster_app.command("env")
-@user_errors
+@command(cluster_app, "env")
 def cluster_env() -> None:
     """Print the exports raw `ray` commands need (eval "$(ddm cluster env)")."""
-    from cluster_jobs.local_cluster import env_lines
+    from cluster_jobs.ops.local_cluster import env_lines
 
     print("\n".join(env_lines()))
 
 
-@cluster_app.command("status")
-@user_errors
+@command(cluster_app, "status")
 def cluster_status() -> None:
     """Whether the local head answers, and its addresses, as JSON."""
-    from cluster_jobs.local_cluster import status
+    from cluster_jobs.ops.local_cluster import status
 
     print(json.dumps(status()))
 
@@ -163,41 +178,39 @@ stack_app = typer.Typer(
 app.add_typer(stack_app, name="stack")
 
 
-@stack_app.command("up")
-@user_errors
+@command(stack_app, "up")
 def stack_up(
     port: Annotated[int, typer.Option(help="Prometheus' port on 127.0.0.1")] = 9090,
     metrics_export_port: Annotated[
-        int | None, typer.Option(help="Ray metrics port to scrape [from `ddm cluster up`]")
+        int | None, typer.Option(help="Ray metrics port to scrape (default: from `ddm cluster up`)")
     ] = None,
 ) -> None:
     """Start Prometheus (Debian package) with infra/prometheus' config and alert rules,
     scraping the local Ray head; prints its address as JSON."""
-    from cluster_jobs import stack
+    from cluster_jobs.ops import stack
 
     print(stack.up(port, metrics_export_port).model_dump_json())
 
 
-@stack_app.command("down")
-@user_errors
+@command(stack_app, "down")
 def stack_down() -> None:
     """Stop the Prometheus that `ddm stack up` started (by its PID)."""
-    from cluster_jobs import stack
+    from cluster_jobs.ops import stack
 
     print("stopped" if stack.down() else "no stack was running")
 
 
-@stack_app.command("status")
-@user_errors
+@command(stack_app, "status")
 def stack_status() -> None:
     """Whether the stack's Prometheus runs, and its addresses, as JSON."""
-    from cluster_jobs import stack
+    from cluster_jobs.ops import stack
 
     print(json.dumps(stack.status()))
 
 
-@app.command(context_settings={"allow_extra_args": True})
-@user_errors
+SUBMIT_OPTIONS = train_options("expert", exclude=("store", "cluster", "restart"))
+
+
 def submit(
     ctx: typer.Context,
     store: Annotated[str, typer.Option(help="store URI holding the prepared dataset")],
@@ -206,15 +219,18 @@ def submit(
     router: Annotated[bool, typer.Option(help="also train the router")] = False,
     monolith: Annotated[bool, typer.Option(help="also train the monolith")] = False,
     featnet: Annotated[bool, typer.Option(help="also train the analysis' featnet")] = False,
-    preset: Annotated[str | None, typer.Option(help="expert preset")] = None,
-    steps: Annotated[int | None, typer.Option(help="optimizer steps per job")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="batch size per worker")] = None,
-    workers: Annotated[int | None, typer.Option(help="data-parallel workers per job")] = None,
-    cpus_per_worker: Annotated[float | None, typer.Option(help="CPUs per worker")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda")] = None,
-    mixed_precision: Annotated[str | None, typer.Option(help="no | fp16 | bf16")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="steps per checkpoint")] = None,
-    seed: Annotated[int | None, typer.Option(help="training seed")] = None,
+    router_preset: Annotated[
+        Literal[tuple(preset_names("router"))] | None,
+        typer.Option(
+            help=f"the router's and the featnet's preset (default: {DEFAULT_ROUTER_PRESET})"
+        ),
+    ] = None,
+    router_lr: Annotated[
+        float | None,
+        typer.Option(
+            help=f"the router's and the featnet's learning rate (default: {DEFAULT_ROUTER_LR})"
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="retrain finished jobs from scratch")] = False,
     wait: Annotated[bool, typer.Option(help="wait until every job has finished")] = False,
     analyze: Annotated[
@@ -225,11 +241,16 @@ def submit(
     ] = None,
     out: Annotated[str | None, typer.Option(help="folder for --emit's manifests")] = None,
     image: Annotated[
-        str | None, typer.Option(help="container image for --emit kuberay [ddm:VERSION]")
+        str | None, typer.Option(help="container image for --emit kuberay (default: ddm:VERSION)")
     ] = None,
+    **training: Any,
 ) -> None:
     """Submit one Ray job per expert (and the router / monolith / featnet), or, with
-    `--analyze -- ARGS`, the analysis of a trained store as one Ray job."""
+    `--analyze -- ARGS`, the analysis of a trained store as one Ray job.
+
+    Every training option (`--steps`, `--warmup-steps`, ...) is a field of the jobs'
+    TrainConfig, which each job receives whole; the router and the featnet take
+    `--router-preset` and `--router-lr` instead of `--preset` and `--lr`."""
     from cluster_jobs import submit as jobs
     from ddm_nodes.store import open_store
 
@@ -243,39 +264,29 @@ def submit(
     if emit and not out:
         raise DDMError("--emit kuberay needs --out DIR for the manifests")
     if analyze:
+        from cluster_jobs.analysis.command import job_config
+
         if router or monolith or featnet:
             raise DDMError("--analyze needs finished models: submit training separately")
-        configs = [jobs.AnalyzeJob(_analyze_args(store, ctx.args))]
+        to_submit = [jobs.AnalyzeJob(job_config(store, ctx.args))]
     else:
-        configs = None
-    options = {
-        k: v
-        for k, v in dict(
-            preset=preset,
-            steps=steps,
-            batch_size=batch_size,
-            workers=workers,
-            cpus_per_worker=cpus_per_worker,
-            device=device,
-            mixed_precision=mixed_precision,
-            checkpoint_every=checkpoint_every,
-            seed=seed,
-        ).items()
-        if v is not None
-    }
-    if configs is None:
-        configs = jobs.plan(store, clusters, router, monolith, options, featnet)
+        classifier = {"preset": router_preset, "lr": router_lr}
+        to_submit = jobs.plan(
+            store,
+            clusters,
+            SUBMIT_OPTIONS.values(training),
+            router=router,
+            monolith=monolith,
+            featnet=featnet,
+            classifier_options={k: v for k, v in classifier.items() if v is not None},
+        )
     if emit:
         from cluster_jobs.kuberay import DEFAULT_IMAGE, render_rayjobs
 
-        for path in render_rayjobs(configs, out, image or DEFAULT_IMAGE):
+        for path in render_rayjobs(to_submit, out, image or DEFAULT_IMAGE):
             print(f"wrote {path}")
         return
-    _submit_and_wait(jobs, url, configs, force, wait)
-
-
-def _submit_and_wait(jobs, url: str, configs: list, force: bool, wait: bool) -> None:
-    done = jobs.submit(url, configs, force)
+    done = jobs.submit(url, to_submit, force=force)
     for s in done:
         print(f"{s.action:17s} {s.submission_id}")
     if wait:
@@ -291,8 +302,10 @@ def _submit_and_wait(jobs, url: str, configs: list, force: bool, wait: bool) -> 
             raise typer.Exit(1)
 
 
-@app.command()
-@user_errors
+command(app, context_settings={"allow_extra_args": True})(with_options(submit, SUBMIT_OPTIONS))
+
+
+@command(app)
 def jobs(
     address: Address = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -308,8 +321,7 @@ def jobs(
         print(f"{r['status']:10s} {r['submission_id']}")
 
 
-@app.command("sample")
-@user_errors
+@command(app, "sample")
 def sample_command(
     out: Annotated[str, typer.Option(help="PNG image grid to write")],
     store: Annotated[
@@ -336,14 +348,9 @@ def sample_command(
 ) -> None:
     """Sample images with per-step routing, in-process (--store) or from a running service
     (--url); the same request either way. Prints how often each expert ran."""
-    from cluster_jobs.sampling import (
-        grid_png,
-        run_remote_sample,
-        run_sample,
-        sample_request,
-        write_atomic,
-    )
-    from ddm_nodes.pixels import npy_bytes
+    from cluster_jobs.analysis.sampling import run_remote_sample, run_sample, sample_request
+    from ddm_nodes.pixels import grid_png, npy_bytes
+    from ddm_nodes.store import write_atomic
 
     if (store is None) == (url is None):
         raise DDMError("give exactly one of --store (in-process) and --url (a running service)")
@@ -356,9 +363,9 @@ def sample_command(
         experts = LocalExperts(store, device=device)
         options = dict(solver=solver, seed=seed, label=label, guidance=guidance)
         run = run_sample(experts, strategy, n, steps, **options)
-    write_atomic(out, grid_png(run.images))
+    write_atomic(out, grid_png(run.images), hint="check --out")
     if npy:
-        write_atomic(npy, npy_bytes(run.images))
+        write_atomic(npy, npy_bytes(run.images), hint="check --npy")
     summary = {
         "out": out,
         "npy": npy,
@@ -377,7 +384,7 @@ def sample_command(
     if as_json:
         print(json.dumps(summary))
         return
-    calls = "  ".join(f"expert-{k:03d}: {c}" for k, c in enumerate(run.expert_calls))
+    calls = "  ".join(f"{expert_name(k)}: {c}" for k, c in enumerate(run.expert_calls))
     print(
         f"{strategy}: {n} images, {steps} {solver} steps in {run.seconds:.1f} s; "
         f"{run.experts_per_step:.2f} experts per sample per step\ncalls  {calls}\nwrote {out}"
@@ -385,29 +392,39 @@ def sample_command(
     )
 
 
-@app.command("serve")
-@user_errors
+@command(app, "serve")
 def serve_command(
     store: Annotated[str, typer.Option(help="store URI with trained experts (and router)")],
     host: Annotated[str, typer.Option(help="address the HTTP proxy binds")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
-    replicas: Annotated[int, typer.Option(help="replicas per expert deployment")] = 1,
-    strategy: Annotated[str, typer.Option(help="default routing strategy")] = "top-2",
-    max_batch: Annotated[int, typer.Option(help="most samples per expert forward")] = 64,
+    replicas: Annotated[
+        int | None, typer.Option(help="replicas per expert deployment (default: 1)")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="default routing strategy (default: top-2)")
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="most samples per expert forward (default: 64)")
+    ] = None,
     api_key: Annotated[
         str | None, typer.Option(envvar="DDM_API_KEY", help="require this bearer key on /v1/*")
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda: where experts run")] = "cpu",
+    device: Annotated[
+        Literal["cpu", "cuda"] | None, typer.Option(help="where experts run (default: cpu)")
+    ] = None,
     config: Annotated[
-        str | None, typer.Option(help="JSON file of further app arguments (AppArgs fields)")
+        str | None,
+        typer.Option(help="JSON file of app arguments (AppArgs fields); options given override"),
     ] = None,
     access_log: Annotated[bool, typer.Option(help="Serve's per-request access log")] = True,
 ) -> None:
     """Serve the DDM over HTTP with Ray Serve: a router ingress and one deployment per
-    expert; runs in the foreground until Ctrl-C."""
-    from pathlib import Path
+    expert; runs in the foreground until Ctrl-C.
 
-    from cluster_jobs.serving import serve_forever
+    Every application argument
+    (`router_service.app_config.AppArgs`) can be set in `--config`; the options here
+    override the file's values when given."""
+    from cluster_jobs.ops.serving import serve_forever
     from router_service.app_config import AppArgs
 
     extra = {}
@@ -416,158 +433,38 @@ def serve_command(
             extra = json.loads(Path(config).read_text())
         except (OSError, ValueError) as e:
             raise DDMError(f"--config {config}: {e}") from None
-    args = AppArgs.model_validate(
-        {
-            **extra,
-            "store": store,
-            "replicas": replicas,
-            "default_strategy": strategy,
-            "max_batch": max_batch,
-            "api_key": api_key,
-            "device": device,
-        }
-    )
-    serve_forever(args, host, port, access_log)
-
-
-@app.command("analyze")
-@user_errors
-def analyze_command(
-    store: Annotated[str, typer.Option(help="store URI with experts, router and featnet")],
-    out: Annotated[str, typer.Option(help="folder for results.json, report.md and plots")],
-    strategies: Annotated[
-        str, typer.Option(help="comma-separated routing strategies")
-    ] = "full,top-1,top-2,threshold-0.2,nearest-centroid,uniform",
-    include_monolith: Annotated[bool, typer.Option(help="also score the monolith")] = False,
-    n: Annotated[int | None, typer.Option(help="images per strategy and seed [1000]")] = None,
-    steps: Annotated[int | None, typer.Option(help="Euler steps [50]")] = None,
-    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1",
-    stability_n: Annotated[
-        int | None, typer.Option(help="trajectories for stability [200]")
-    ] = None,
-    alignment_n: Annotated[
-        int | None, typer.Option(help="traced trajectories for alignment [200]")
-    ] = None,
-    disagreement_n: Annotated[
-        int | None, typer.Option(help="trajectories with every expert traced [64]")
-    ] = None,
-    inception: Annotated[
-        str | None,
-        typer.Option(help="local TorchScript Inception-v3 (inception-2015-12-05.pt): also FID"),
-    ] = None,
-    quick: Annotated[
-        bool, typer.Option(help="small settings for CI (n 64, 8 steps); not for conclusions")
-    ] = False,
-) -> None:
-    """Reproduce the paper's analyses: quality (FID, KID, precision/recall), stability
-    (trajectory sensitivity, Δ_refine) and expert-data alignment, with a report."""
-    from cluster_jobs.analyze import run_analysis
-
-    cfg = _analyze_config(
-        store, out, strategies, include_monolith, n, steps, seeds,
-        stability_n, alignment_n, disagreement_n, inception, quick,
-    )  # fmt: skip
-    report = run_analysis(cfg)
-    print(json.dumps({"out": out, "seconds": round(report["seconds"], 1)}))
-
-
-def _analyze_config(
-    store, out, strategies, include_monolith, n, steps, seeds,
-    stability_n, alignment_n, disagreement_n, inception, quick,
-):  # fmt: skip
-    from cluster_jobs.analyze import AnalyzeConfig
-
-    parts = [s.strip() for s in seeds.split(",") if s.strip()]
-    if not parts or not all(p.isdigit() for p in parts):
-        raise DDMError(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1")
-    settings = AnalyzeConfig.quick_settings() if quick else {}
+        if not isinstance(extra, dict):
+            raise DDMError(f"--config {config}: expected a JSON object of AppArgs fields")
     given = dict(
-        n=n,
-        steps=steps,
-        stability_n=stability_n,
-        alignment_n=alignment_n,
-        disagreement_n=disagreement_n,
-    )
-    settings.update({k: v for k, v in given.items() if v is not None})
-    return AnalyzeConfig(
         store=store,
-        out=out,
-        strategies=[s.strip() for s in strategies.split(",") if s.strip()],
-        include_monolith=include_monolith,
-        seeds=[int(p) for p in parts],
-        inception=inception,
-        **settings,
+        replicas=replicas,
+        default_strategy=strategy,
+        max_batch=max_batch,
+        api_key=api_key,
+        device=device,
     )
+    args = AppArgs.model_validate({**extra, **{k: v for k, v in given.items() if v is not None}})
+    serve_forever(args, host, port, access_log=access_log)
 
 
-def _analyze_args(store: str, args: list[str]) -> list[str]:
-    """`ddm analyze` arguments for a Ray job, checked here first; a local --out becomes
-    absolute (the job runs in a copy of the project, on the head's machine)."""
-    from cluster_jobs.analyze import preflight
-    from ddm_nodes.store import open_store
-
-    command = typer.main.get_command(app).get_command(None, "analyze")
-    if any(a == "--store" or a.startswith("--store=") for a in args):
-        raise DDMError("give the store once, as `ddm submit --store URI --analyze -- ARGS`")
-    try:
-        parsed = command.make_context("ddm submit --analyze --", ["--store", store, *args])
-    except typer.Exit:  # --help, already printed
-        raise DDMError("`ddm analyze --help` lists the arguments --analyze takes") from None
-    except typer.TyperException as e:  # typer's own click: its usage errors
-        raise DDMError(f"--analyze: {e.format_message()}") from None
-    params = {k: v for k, v in parsed.params.items() if k != "ctx"}
-    cfg = _analyze_config(**params)
-    preflight(cfg, open_store(store))
-    out = cfg.out if "://" in cfg.out else str(Path(cfg.out).expanduser().resolve())
-    rest = list(args)
-    for i, a in enumerate(rest):
-        if a == "--out" and i + 1 < len(rest):
-            rest[i + 1] = out
-        elif a.startswith("--out="):
-            rest[i] = f"--out={out}"
-    return ["--store", store, *rest]
+app.command("analyze", help=ANALYZE.__doc__)(ANALYZE)
+DEMO_OPTIONS = ModelOptions(DemoConfig, choices={"preset": preset_names("expert")})
 
 
-@app.command("demo")
-@user_errors
-def demo_command(
-    out: Annotated[str, typer.Option(help="folder for everything the demo writes")] = "demo-out",
-    dataset: Annotated[str, typer.Option(help="data set to prepare")] = "fashion-mnist",
-    clusters: Annotated[int, typer.Option(help="K: clusters, one expert each")] = 4,
-    preset: Annotated[str, typer.Option(help="expert preset")] = "unet-tiny",
-    expert_steps: Annotated[int, typer.Option(help="optimizer steps per expert")] = 50,
-    expert_lr: Annotated[float, typer.Option(help="the experts' learning rate")] = 2e-3,
-    warmup_steps: Annotated[int, typer.Option(help="every job's learning-rate warm-up")] = 10,
-    router_steps: Annotated[int, typer.Option(help="the router's and featnet's steps")] = 200,
-    n: Annotated[int, typer.Option(help="images per HTTP sampling request")] = 16,
-    sample_steps: Annotated[int, typer.Option(help="Euler steps per request")] = 20,
-    image_size: Annotated[int | None, typer.Option(help="resize images (smaller: faster)")] = None,
-    keep: Annotated[bool, typer.Option(help="leave everything running until Ctrl-C")] = False,
-) -> None:
+def demo(**fields: Any) -> None:
     """The whole mission on the embedded default: a local Ray head, K experts + router as
     Ray jobs, a quick analysis, the Serve app answering HTTP, Prometheus; then stops it all."""
-    from cluster_jobs.demo import DemoConfig, run_demo
+    from cluster_jobs.ops.demo import run_demo
 
-    cfg = DemoConfig(
-        out=out,
-        dataset=dataset,
-        clusters=clusters,
-        preset=preset,
-        expert_steps=expert_steps,
-        expert_lr=expert_lr,
-        warmup_steps=warmup_steps,
-        router_steps=router_steps,
-        n=n,
-        sample_steps=sample_steps,
-        image_size=image_size,
-        keep=keep,
-    )
     try:
-        result = run_demo(cfg)
+        result = run_demo(DEMO_OPTIONS.build(None, fields))
     except KeyboardInterrupt:
         print("interrupted; everything the demo started was stopped", file=sys.stderr)
         raise typer.Exit(130) from None
     print(json.dumps(result, indent=2))
+
+
+command(app)(with_options(demo, DEMO_OPTIONS))
 
 
 def _print_cluster_table(summary: dict[str, Any]) -> None:

@@ -9,19 +9,17 @@ colons cannot break the YAML.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cluster_jobs.submit import AnalyzeJob, entrypoint, submission_id
-from cluster_jobs.train_config import TrainConfig
+from cluster_jobs.submit import AnalyzeJob, Job, entrypoint, submission_id
 from ddm_nodes import __version__
 from ddm_nodes.errors import DDMError
+from ddm_nodes.store import write_atomic
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra/kuberay/rayjob-expert.yaml"
 DEFAULT_IMAGE = f"ddm:{__version__}"  # built from infra/kuberay/Dockerfile
@@ -34,7 +32,7 @@ _HEADER = "# Rendered from infra/kuberay/rayjob-expert.yaml by `ddm submit --emi
 
 
 def render_rayjobs(
-    jobs: Iterable[TrainConfig | AnalyzeJob], out_dir: str | Path, image: str = DEFAULT_IMAGE
+    jobs: Iterable[Job], out_dir: str | Path, image: str = DEFAULT_IMAGE
 ) -> list[Path]:
     """Write `out_dir/rayjob-<name>.yaml` for each job; returns the paths in job order.
     Every job is checked before any file is written."""
@@ -47,21 +45,18 @@ def render_rayjobs(
     paths = []
     for v in values:
         text = yaml.safe_dump(_fill(template, v), sort_keys=False, width=10_000)
-        paths.append(_write_atomic(out / f"rayjob-{v['DDM_NAME']}.yaml", _HEADER + text))
+        path = out / f"rayjob-{v['DDM_NAME']}.yaml"
+        paths.append(write_atomic(path, (_HEADER + text).encode(), hint="check --out"))
     return paths
 
 
-def _values(job: TrainConfig | AnalyzeJob, image: str) -> dict[str, str]:
-    if isinstance(job, AnalyzeJob):
-        command, store = job.entrypoint(), _option(job.args, "--store")
-        out = _option(job.args, "--out")
-        if out is not None and not out.startswith("s3://"):
-            raise DDMError(
-                f"analyze: --out {out!r}: the analysis writes inside a pod that goes away with "
-                "its cluster; give --out s3://BUCKET/PREFIX"
-            )
-    else:
-        command, store = entrypoint(job), job.store
+def _values(job: Job, image: str) -> dict[str, str]:
+    command, store = entrypoint(job), job.store
+    if isinstance(job, AnalyzeJob) and not job.config.out.startswith("s3://"):
+        raise DDMError(
+            f"analyze: --out {job.config.out!r}: the analysis writes inside a pod that goes "
+            "away with its cluster; give --out s3://BUCKET/PREFIX"
+        )
     if store is None or not store.startswith("s3://"):
         raise DDMError(
             f"{job.name}: store {store!r}: KubeRay pods cannot read a local path: prepare into "
@@ -85,15 +80,6 @@ def _values(job: TrainConfig | AnalyzeJob, image: str) -> dict[str, str]:
     }
 
 
-def _option(args: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.removeprefix(flag + "=")
-    return None
-
-
 def _fill(node: Any, values: dict[str, str]) -> Any:
     if isinstance(node, dict):
         return {key: _fill(value, values) for key, value in node.items()}
@@ -110,19 +96,3 @@ def _lookup(values: dict[str, str], name: str) -> str:
             f"{TEMPLATE}: unknown placeholder ${{{name}}}; expected one of {sorted(values)}"
         )
     return values[name]
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    """A reader (or `kubectl apply -f DIR`) sees the old file or the whole new one, never half."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    except OSError as e:
-        raise DDMError(f"cannot write {path}: {e.strerror}; check --out") from e
-    return path

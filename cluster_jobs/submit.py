@@ -1,8 +1,9 @@
 """`ddm submit`: one Ray job per expert (plus the router, the monolith and the analysis'
 feature network), and `ddm jobs`.
 
-Each job is the same command a user could `ray job submit` by hand:
-`python -m cluster_jobs.train_expert --store URI --cluster K ...`. Submission ids are
+Each job is a command a user could `ray job submit` by hand, carrying the job's whole
+config as JSON: `python -m cluster_jobs.training expert --config '{...}'` (the same as
+`--store URI --cluster K ...` with every other field spelled out). Submission ids are
 readable and tied to the config (`ddm-expert-003-<config hash>`), so submitting a finished
 expert again with the same config is a no-op; a failed or stopped one is submitted again
 under `<id>-r<N>` and resumes from its latest checkpoint. `ddm submit --analyze` submits
@@ -12,15 +13,18 @@ under `<id>-r<N>` and resumes from its latest checkpoint. `ddm submit --analyze`
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster_jobs.train_config import TrainConfig
-from cluster_jobs.training import validate
+from cluster_jobs.analysis.command import entrypoint as analysis_entrypoint
+from cluster_jobs.analysis.config import AnalyzeConfig
+from cluster_jobs.training.commands import entrypoint as training_entrypoint
+from cluster_jobs.training.config import CLASSIFIER_KINDS, TrainConfig, fields_for
+from cluster_jobs.training.tasks import validate
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.store import open_store
@@ -38,56 +42,38 @@ WORKING_DIR_EXCLUDES = [
     ".gl",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-# Options of TrainConfig that travel on the job's command line (others keep defaults).
-CLI_FIELDS = [
-    "store",
-    "cluster",
-    "preset",
-    "steps",
-    "batch_size",
-    "lr",
-    "workers",
-    "cpus_per_worker",
-    "device",
-    "mixed_precision",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "seed",
-    "max_failures",
-]
 
 
-def entrypoint(cfg: TrainConfig) -> str:
-    """The exact shell command the Ray job runs for `cfg`."""
-    args = []
-    for name in CLI_FIELDS:
-        value = getattr(cfg, name)
-        if value is not None:
-            args += [f"--{name.replace('_', '-')}", str(value)]
-    if cfg.kind in ("expert", "monolith") and cfg.unconditional:
-        args.append("--unconditional")
-    if cfg.restart:
-        args.append("--restart")
-    return f"python -m cluster_jobs.train_{cfg.kind} {shlex.join(args)}"
-
-
-def submission_id(cfg: TrainConfig | AnalyzeJob) -> str:
-    return f"ddm-{cfg.name}-{cfg.config_hash()}"
-
-
-@dataclass
+@dataclass(frozen=True)
 class AnalyzeJob:
-    """`ddm analyze ARGS` as a Ray job; `args` were validated by the caller."""
+    """`ddm analyze` as a Ray job; its config was checked by the caller
+    (analysis.command.job_config)."""
 
-    args: list[str]
+    config: AnalyzeConfig
     kind: str = "analyze"
     name: str = "analyze"
 
-    def config_hash(self) -> str:
-        return hashlib.sha256("\0".join(self.args).encode()).hexdigest()[:8]
+    @property
+    def store(self) -> str:
+        return self.config.store
 
-    def entrypoint(self) -> str:
-        return f"python -m cluster_jobs.cli analyze {shlex.join(self.args)}"
+    def config_hash(self) -> str:
+        text = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+Job = TrainConfig | AnalyzeJob
+
+
+def entrypoint(job: Job) -> str:
+    """The exact shell command the Ray job runs: the job's whole config as JSON."""
+    if isinstance(job, AnalyzeJob):
+        return analysis_entrypoint(job.config)
+    return training_entrypoint(job)
+
+
+def submission_id(job: Job) -> str:
+    return f"ddm-{job.name}-{job.config_hash()}"
 
 
 @dataclass
@@ -101,12 +87,17 @@ class Submitted:
 def plan(
     store: str,
     clusters: str,
-    router: bool,
-    monolith: bool,
     options: dict[str, Any],
+    *,
+    router: bool = False,
+    monolith: bool = False,
     featnet: bool = False,
+    classifier_options: dict[str, Any] | None = None,
 ) -> list[TrainConfig]:
-    """The configs to submit; validated against the store before anything is submitted."""
+    """The configs to submit, validated against the store before anything is submitted.
+    Each job takes the `options` that apply to its kind; the router and the featnet take
+    `classifier_options` over them (their own preset and learning rate: TrainConfig's
+    defaults for their kind unless given there)."""
     manifest = DatasetManifest.load(open_store(store))
     if clusters == "all":
         ids = list(range(manifest.num_clusters))
@@ -117,19 +108,20 @@ def plan(
             ids = sorted({int(c) for c in clusters.split(",")})
         except ValueError:
             raise DDMError(f"--clusters {clusters!r}: expected 'all' or ids like 0,2,5") from None
-    configs = [TrainConfig(kind="expert", store=store, cluster=k, **options) for k in ids]
-    if monolith:
-        configs.append(TrainConfig(kind="monolith", store=store, **options))
-    classifier_opts = {k: v for k, v in options.items() if k not in ("preset", "lr")}
-    for kind, wanted in (("router", router), ("featnet", featnet)):
-        if wanted:
-            configs.append(
-                TrainConfig(
-                    kind=kind, store=store, preset="router-tiny", lr=1e-3, **classifier_opts
-                )
-            )
-    if not configs:
+    wanted = [("expert", k) for k in ids]
+    wanted += [(kind, None) for kind, on in (("monolith", monolith), ("router", router)) if on]
+    wanted += [("featnet", None)] if featnet else []
+    if not wanted:
         raise DDMError("nothing to submit: give --clusters, --router, --monolith or --featnet")
+    configs = []
+    for kind, k in wanted:
+        given = dict(options)
+        if kind in CLASSIFIER_KINDS:
+            given = {n: v for n, v in given.items() if n not in ("preset", "lr")}
+            given |= classifier_options or {}
+        applies = set(fields_for(kind))
+        given = {n: v for n, v in given.items() if n in applies}
+        configs.append(TrainConfig(kind=kind, store=store, cluster=k, **given))
     for cfg in configs:
         validate(cfg)
     return configs
@@ -137,7 +129,8 @@ def plan(
 
 def submit(
     address: str,
-    configs: list[TrainConfig] | list[AnalyzeJob],
+    jobs: list[Job],
+    *,
     force: bool = False,
     entrypoint_num_cpus: float = 0.0,
 ) -> list[Submitted]:
@@ -146,7 +139,7 @@ def submit(
     client = _client(address, JobSubmissionClient)
     existing = {j.submission_id: j for j in client.list_jobs() if j.submission_id}
     out = []
-    for cfg in configs:
+    for cfg in jobs:
         base = submission_id(cfg)
         tries = sorted(
             (sid for sid in existing if sid == base or sid.startswith(base + "-r")),
@@ -164,10 +157,9 @@ def submit(
                 Submitted(cfg.name, latest.submission_id, "skipped-finished", latest.entrypoint)
             )
             continue
-        if isinstance(cfg, AnalyzeJob):
-            cmd = cfg.entrypoint()
-        else:
-            cmd = entrypoint(cfg.model_copy(update={"restart": True}) if force else cfg)
+        if force and isinstance(cfg, TrainConfig):
+            cfg = cfg.model_copy(update={"restart": True})
+        cmd = entrypoint(cfg)
         sid = base if not tries else f"{base}-r{len(tries)}"
         _submit_with_retry(
             client,

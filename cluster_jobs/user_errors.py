@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+import typer.core
 from pydantic import ValidationError
 
 from ddm_nodes.errors import DDMError
@@ -25,13 +26,50 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except DDMError as e:
             fail(str(e))
         except ValidationError as e:
-            first = e.errors()[0]
-            loc = "-".join(str(p) for p in first["loc"]).replace("_", "-")
-            fail(f"--{loc}: {first['msg']}" if loc else first["msg"])
+            fail(validation_message(e))
 
     return wrapper
+
+
+def validation_message(e: ValidationError) -> str:
+    """A config's first validation error, named by its option: `--seeds (item 2): ...`."""
+    first = e.errors()[0]
+    names = [str(p) for p in first["loc"] if isinstance(p, str)]
+    items = [str(p + 1) for p in first["loc"] if isinstance(p, int)]
+    flag = f"--{'-'.join(names).replace('_', '-')}" if names else ""
+    where = f"{flag} (item {', '.join(items)})" if flag and items else flag
+    return f"{where}: {first['msg']}" if where else first["msg"]
 
 
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(EXIT_USAGE)
+
+
+class _OneLineUsage:
+    """Typer's own usage errors (an unknown option, a value that is not one of the choices)
+    as one `error:` line with exit 2 too, instead of a framed box; `ddm` with no arguments
+    still prints its help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.TyperException as e:  # typer's click: UsageError, BadParameter...
+            if type(e).__name__ == "NoArgsIsHelpError":
+                e.show()
+            else:
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                print(f"error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class UsageGroup(_OneLineUsage, typer.core.TyperGroup):
+    """A Typer app's group (`typer.Typer(cls=UsageGroup)`) with one-line usage errors."""
+
+
+class UsageCommand(_OneLineUsage, typer.core.TyperCommand):
+    """A single command (`app.command(cls=UsageCommand)`) with one-line usage errors."""

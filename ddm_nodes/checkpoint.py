@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +31,7 @@ from ddm_nodes import __version__
 from ddm_nodes.errors import ManifestError
 from ddm_nodes.experts import DENOISER_CLASSES
 from ddm_nodes.features import safetensors_metadata
+from ddm_nodes.names import Kind
 from ddm_nodes.router_net import RouterNet
 from ddm_nodes.store import Store, sha256_bytes
 from ddm_nodes.versioned_json import parse_versioned
@@ -42,16 +43,6 @@ TRAINING_FILE = "training.json"
 STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
 MODEL_CLASSES: dict[str, type] = {**DENOISER_CLASSES, RouterNet.__name__: RouterNet}
-Kind = Literal["expert", "router", "monolith", "featnet"]
-
-
-def expert_prefix(cluster: int) -> str:
-    return f"experts/expert-{cluster:03d}"
-
-
-ROUTER_PREFIX = "router"
-MONOLITH_PREFIX = "monolith"
-FEATNET_PREFIX = "featnet"
 
 
 class CheckpointManifest(BaseModel):

@@ -13,8 +13,6 @@ DiT's own built-in dropout is switched off to keep one dropout, not two).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
@@ -22,47 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ddm_nodes.dataset_manifest import NULL_LABEL
 from ddm_nodes.errors import DDMError
+from ddm_nodes.presets import get_preset
 
 TIME_SCALE = 1000.0  # diffusers' timestep embeddings are tuned for t in [0, 1000)
 DENOISER_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, DiTTransformer2DModel)}
-
-
-class ExpertPreset(BaseModel):
-    """An architecture size; `image_size`, `channels` and classes come from the data."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    arch: Literal["unet", "dit"]
-    # unet
-    block_channels: tuple[int, ...] = ()
-    attention: tuple[bool, ...] = Field((), description="per level: self-attention or not")
-    layers_per_block: int = 1
-    norm_groups: int = 8
-    # dit
-    patch_size: int = 2
-    width: int = 128
-    depth: int = 4
-    heads: int = 4
-
-    @property
-    def downsample(self) -> int:
-        """The factor the image side must be divisible by."""
-        return 2 ** (len(self.block_channels) - 1) if self.arch == "unet" else self.patch_size
-
-
-EXPERT_PRESETS: dict[str, ExpertPreset] = {
-    p.name: p
-    for p in [
-        ExpertPreset(name="unet-tiny", arch="unet", block_channels=(32, 64, 64),
-                     attention=(False, False, True)),
-        ExpertPreset(name="unet-s", arch="unet", block_channels=(64, 128, 256),
-                     attention=(False, True, True), layers_per_block=2, norm_groups=32),
-        ExpertPreset(name="dit-tiny", arch="dit", patch_size=4, width=128, depth=4, heads=4),
-        ExpertPreset(name="dit-s", arch="dit", patch_size=2, width=384, depth=12, heads=6),
-        ExpertPreset(name="dit-b", arch="dit", patch_size=2, width=768, depth=12, heads=12),
-    ]
-}  # fmt: skip
 
 
 class ExpertSpec(BaseModel):
@@ -78,15 +39,6 @@ class ExpertSpec(BaseModel):
     @property
     def conditional(self) -> bool:
         return self.num_classes > 0
-
-
-def get_preset(name: str) -> ExpertPreset:
-    try:
-        return EXPERT_PRESETS[name]
-    except KeyError:
-        raise DDMError(
-            f"unknown preset {name!r}; expected one of {sorted(EXPERT_PRESETS)}"
-        ) from None
 
 
 def build_denoiser(spec: ExpertSpec) -> UNet2DModel | DiTTransformer2DModel:

@@ -16,37 +16,10 @@ import math
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import TIME_SCALE
-
-
-class RouterPreset(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    widths: tuple[int, ...]
-    time_dim: int = 128
-
-
-ROUTER_PRESETS: dict[str, RouterPreset] = {
-    p.name: p
-    for p in [
-        RouterPreset(name="router-tiny", widths=(32, 64, 128)),
-        RouterPreset(name="router-s", widths=(64, 128, 256, 256), time_dim=256),
-    ]
-}
-
-
-def get_router_preset(name: str) -> RouterPreset:
-    try:
-        return ROUTER_PRESETS[name]
-    except KeyError:
-        raise DDMError(
-            f"unknown router preset {name!r}; expected one of {sorted(ROUTER_PRESETS)}"
-        ) from None
+from ddm_nodes.presets import get_router_preset
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

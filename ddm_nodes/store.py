@@ -31,6 +31,37 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def write_atomic(
+    path: str | os.PathLike,
+    data: bytes | None = None,
+    *,
+    source: str | os.PathLike | None = None,
+    hint: str = "",
+) -> Path:
+    """Write `data` (or a copy of the file `source`) to `path` so that a reader sees the
+    old file or the whole new one, never half: a temp file beside it, fsync, `os.replace`.
+    The one atomic file write of ddm; a failure is a StoreError ending with `hint`."""
+    path = Path(path).expanduser()
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if source is not None:
+                shutil.copyfile(source, tmp)
+            else:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        tail = f"; {hint}" if hint else ""
+        raise StoreError(f"cannot write {path}: {e.strerror}{tail}") from e
+    return path
+
+
 class Store(ABC):
     """A flat key space under a root URI."""
 
@@ -98,33 +129,10 @@ class LocalStore(Store):
         return path
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot write {path}: {e.strerror}; check the --store path") from e
+        write_atomic(self._path(key), data, hint="check the --store path")
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
-        dest = self._path(key)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f"{TEMP_PREFIX}{dest.name}.{uuid.uuid4().hex}")
-            try:
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot write {dest}: {e.strerror}; check the --store path") from e
+        write_atomic(self._path(key), source=path, hint="check the --store path")
 
     def get_bytes(self, key: str) -> bytes:
         with self.open(key) as f:

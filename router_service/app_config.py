@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ddm_nodes.names import expert_name
 from router_service.policies import get_policy
 from router_service.schemas import Limits
 
@@ -95,7 +96,7 @@ class AppArgs(BaseModel):
     def expert_options(self, k: int) -> dict:
         """Serve deployment options of expert k's deployment."""
         options = {
-            "name": f"expert-{k:03d}",
+            "name": expert_name(k),
             "ray_actor_options": {
                 "num_cpus": self.expert_num_cpus,
                 "num_gpus": self.expert_num_gpus,

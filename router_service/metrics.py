@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from ddm_nodes.names import expert_name
 from router_service.sampler import EvaluationStats
 
 LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
@@ -30,10 +31,6 @@ STEP_BUCKETS = 5  # t in [0, 1] in fifths: "0.0-0.2" (nearly data) .. "0.8-1.0" 
 def step_bucket(t: float) -> str:
     i = min(max(int(t * STEP_BUCKETS), 0), STEP_BUCKETS - 1)
     return f"{i / STEP_BUCKETS:.1f}-{(i + 1) / STEP_BUCKETS:.1f}"
-
-
-def expert_name(k: int) -> str:
-    return f"expert-{k:03d}"
 
 
 class RouterMetrics:

@@ -51,6 +51,7 @@ import torch
 from ddm_nodes import flow
 from ddm_nodes.dataset_manifest import NULL_LABEL
 from ddm_nodes.errors import DDMError
+from ddm_nodes.names import expert_name
 from router_service.disagreement import angular_deviation
 from router_service.policies import (
     Policy,
@@ -68,7 +69,7 @@ class ExpertUnavailable(DDMError):
     """No live replica of an expert answered (the Serve backend raises it)."""
 
     def __init__(self, expert_id: int, reason: str):
-        super().__init__(f"expert-{expert_id:03d} is unavailable: {reason}")
+        super().__init__(f"{expert_name(expert_id)} is unavailable: {reason}")
         self.expert_id = expert_id
         self.reason = reason
 

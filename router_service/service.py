@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ddm_nodes.errors import DDMError
+from ddm_nodes.names import expert_name
 from ddm_nodes.pixels import npy_bytes, pngs
 from router_service import engine
-from router_service.metrics import RouterMetrics, expert_name
+from router_service.metrics import RouterMetrics
 from router_service.policies import get_policy
 from router_service.sampler import EvaluationStats, SampleResult
 from router_service.schemas import (

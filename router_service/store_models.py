@@ -19,9 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ddm_nodes.checkpoint import (
     MANIFEST_FILE,
-    ROUTER_PREFIX,
     TRAINING_FILE,
-    expert_prefix,
     fetch_verified,
     has_checkpoint,
     load_model,
@@ -31,6 +29,7 @@ from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import ManifestError
 from ddm_nodes.experts import Expert, ExpertSpec
 from ddm_nodes.features import FeatureSpace
+from ddm_nodes.names import ROUTER_PREFIX, expert_name, expert_prefix
 from ddm_nodes.router_net import RouterNet
 from ddm_nodes.store import Store, open_store, sha256_bytes
 
@@ -95,7 +94,7 @@ def expert_card(store: Store, manifest: DatasetManifest, k: int) -> ExpertCard:
     spec = _checked_spec(store, manifest, k, ckpt.cluster, training)
     return ExpertCard(
         id=k,
-        name=f"expert-{k:03d}",
+        name=expert_name(k),
         cluster=k,
         sha256=sha256_bytes(store.get_bytes(f"{prefix}/{MANIFEST_FILE}")),
         preset=spec.preset,

@@ -170,14 +170,14 @@ def run_ddm_in_process(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def digits_set():
-    from cluster_jobs.sources import load_source
+    from cluster_jobs.data.sources import load_source
 
     return load_source("digits")
 
 
 @pytest.fixture(scope="session")
 def mnist5k_set():
-    from cluster_jobs.sources import load_source
+    from cluster_jobs.data.sources import load_source
 
     return load_source("mnist-5k")
 
@@ -186,7 +186,7 @@ def mnist5k_set():
 def prepared_digits(tmp_path_factory):
     """`digits` prepared by the library into a local store, with small shards so every cluster
     has several. Read-only: a test that changes a store copies this one first."""
-    from cluster_jobs.prepare import PrepareConfig, prepare
+    from cluster_jobs.data.prepare import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("prepared-digits") / "store"
     cfg = PrepareConfig(dataset="digits", clusters=4, store=str(root), shard_size=150, seed=0)
@@ -235,9 +235,9 @@ def ray_head(tmp_path_factory):
 def build_tiny_ddm(root: str | Path, clusters: int, image_size: int, router_lr=1e-3) -> str:
     """A real, tiny DDM store: digits in `clusters` clusters at image_size x image_size, one
     dit-tiny expert per cluster and a router-tiny router, each trained 3 steps."""
-    from cluster_jobs.prepare import PrepareConfig, prepare
-    from cluster_jobs.train_config import TrainConfig
-    from cluster_jobs.training import train_local
+    from cluster_jobs.data.prepare import PrepareConfig, prepare
+    from cluster_jobs.training.config import TrainConfig
+    from cluster_jobs.training.worker import train_local
 
     root = str(root)
     prepare(

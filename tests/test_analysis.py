@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import build_tiny_ddm, run_ddm_in_process
 
-from cluster_jobs import alignment, quality, stability
-from cluster_jobs.train_config import TrainConfig
-from cluster_jobs.training import train_local
+from cluster_jobs.analysis import alignment, quality, stability
+from cluster_jobs.training.config import TrainConfig
+from cluster_jobs.training.worker import train_local
 from router_service.sampler import sample, time_grid
 
 # --- quality: FID, KID, precision / recall / density / coverage ---------------------------
@@ -194,7 +195,7 @@ class _InceptionContract(torch.nn.Module):
 def test_report_reads_the_stability_and_alignment_correlations_the_right_way():
     """Lower L_eff is more stable, lower FID better: stable-and-worse is the paper's
     dissociation, stable-and-better is not; alignment up with FID down is the paper's claim."""
-    from cluster_jobs.report import findings
+    from cluster_jobs.analysis.report import findings
 
     def report(l_eff, align, fid):
         rows = {
@@ -297,17 +298,19 @@ def test_submit_analyze_checks_its_arguments_before_any_job(analysed_store, tmp_
 def test_submit_analyze_job_runs_the_checked_arguments_with_an_absolute_out(
     analysed_store, tmp_path, monkeypatch
 ):
-    from cluster_jobs import cli
-    from cluster_jobs.submit import AnalyzeJob, submission_id
+    from cluster_jobs.analysis.command import job_config
+    from cluster_jobs.analysis.config import AnalyzeConfig
+    from cluster_jobs.submit import AnalyzeJob, entrypoint, submission_id
 
     monkeypatch.chdir(tmp_path)
-    args = cli._analyze_args(analysed_store, ["--out", "report", "--quick", "--seeds", "0"])
-    assert args == [
-        "--store", analysed_store, "--out", str(tmp_path / "report"), "--quick", "--seeds", "0",
-    ]  # fmt: skip
-    job = AnalyzeJob(args)
-    assert job.entrypoint().startswith("python -m cluster_jobs.cli analyze --store ")
-    assert submission_id(job) == submission_id(AnalyzeJob(list(args)))  # stable per config
-    assert submission_id(job) != submission_id(AnalyzeJob([*args, "--n", "100"]))
-    kept = cli._analyze_args(analysed_store, ["--out=s3://bucket/report"])
-    assert kept[-1] == "--out=s3://bucket/report"  # a store URI is left as given
+    cfg = job_config(analysed_store, ["--out", "report", "--quick", "--seeds", "0"])
+    assert (cfg.store, cfg.out, cfg.seeds) == (analysed_store, str(tmp_path / "report"), [0])
+    assert cfg.quick and cfg.n == 64 and cfg.steps == 8  # --quick's settings, where not given
+    job = AnalyzeJob(cfg)
+    command = shlex.split(entrypoint(job))
+    assert command[:4] == ["python", "-m", "cluster_jobs.analysis", "--config"]
+    assert AnalyzeConfig.model_validate_json(command[4]) == cfg  # the job gets it whole
+    assert submission_id(job) == submission_id(AnalyzeJob(cfg.model_copy()))  # stable per config
+    assert submission_id(job) != submission_id(AnalyzeJob(cfg.model_copy(update={"n": 100})))
+    kept = job_config(analysed_store, ["--out=s3://bucket/report"])
+    assert kept.out == "s3://bucket/report"  # a store URI is left as given

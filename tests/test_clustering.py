@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster_jobs.clustering import cluster_images, heldout_mask
+from cluster_jobs.data.clustering import cluster_images, heldout_mask
 from ddm_nodes.errors import DDMError
 from ddm_nodes.pixels import to_model_range
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster_jobs import stack
+from cluster_jobs.ops import stack
 
 DEMO_TIMEOUT_S = 900
 

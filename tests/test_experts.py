@@ -9,14 +9,8 @@ from diffusers.models.embeddings import LabelEmbedding
 
 from ddm_nodes.dataset_manifest import NULL_LABEL
 from ddm_nodes.errors import DDMError
-from ddm_nodes.experts import (
-    EXPERT_PRESETS,
-    TIME_SCALE,
-    Expert,
-    ExpertSpec,
-    build_denoiser,
-    get_preset,
-)
+from ddm_nodes.experts import TIME_SCALE, Expert, ExpertSpec, build_denoiser
+from ddm_nodes.presets import EXPERT_PRESETS, get_preset
 
 FAST = ["unet-tiny", "dit-tiny"]
 SIZE = 16

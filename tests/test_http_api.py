@@ -20,7 +20,7 @@ from conftest import build_tiny_ddm
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cluster_jobs.sampling import run_sample
+from cluster_jobs.analysis.sampling import run_sample
 from ddm_nodes.pixels import from_npy
 from router_service import engine
 from router_service.http_api import UNAVAILABLE_RETRY_AFTER_S, make_api

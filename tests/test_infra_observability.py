@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from cluster_jobs import stack
+from cluster_jobs.ops import stack
 from ddm_nodes.errors import DDMError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster_jobs.analysis.config import AnalyzeConfig
 from cluster_jobs.kuberay import DEFAULT_IMAGE, MAX_NAME_LENGTH, render_rayjobs
 from cluster_jobs.submit import AnalyzeJob, entrypoint, submission_id
-from cluster_jobs.train_config import TrainConfig
+from cluster_jobs.training.config import TrainConfig
 from ddm_nodes.errors import DDMError
 
 ROOT = Path(__file__).parents[1]
@@ -169,7 +170,9 @@ def test_validator_rejects_what_the_crd_would(mutate, expected):
 
 def test_render_writes_one_rayjob_per_job_with_the_exact_entrypoint(tmp_path):
     configs = training_configs()
-    analyze = AnalyzeJob(["--store", "s3://bucket/ddm", "--out", "s3://bucket/report", "--quick"])
+    analyze = AnalyzeJob(
+        AnalyzeConfig(store="s3://bucket/ddm", out="s3://bucket/report", quick=True)
+    )
     paths = render_rayjobs([*configs, analyze], tmp_path / "k8s", image="registry.example/ddm:1")
     names = ["expert-003", "expert-012", "router", "monolith", "analyze"]
     assert paths == [tmp_path / "k8s" / f"rayjob-{n}.yaml" for n in names]
@@ -179,8 +182,7 @@ def test_render_writes_one_rayjob_per_job_with_the_exact_entrypoint(tmp_path):
         assert "${" not in text
         doc = yaml.safe_load(text)
         assert crd_errors(doc) == []
-        command = job.entrypoint() if isinstance(job, AnalyzeJob) else entrypoint(job)
-        assert doc["spec"]["entrypoint"] == command
+        assert doc["spec"]["entrypoint"] == entrypoint(job)
         sid = submission_id(job)
         assert doc["metadata"]["name"] == doc["spec"]["jobId"] == sid
         assert DNS_1035.fullmatch(sid) and len(sid) <= MAX_NAME_LENGTH
@@ -193,7 +195,11 @@ def test_render_writes_one_rayjob_per_job_with_the_exact_entrypoint(tmp_path):
         }
         images = [c["image"] for _, pod in pod_groups(doc) for c in pod["containers"]]
         assert images == ["registry.example/ddm:1"] * 2 + ["registry.example/ddm:1-gpu"]
-    assert "--cluster 12" in yaml.safe_load(paths[1].read_text())["spec"]["entrypoint"]
+    rendered = shlex.split(yaml.safe_load(paths[1].read_text())["spec"]["entrypoint"])
+    assert TrainConfig.model_validate_json(rendered[-1]) == configs[1]  # expert 12, whole
+    rendered = shlex.split(yaml.safe_load(paths[-1].read_text())["spec"]["entrypoint"])
+    assert rendered[:4] == ["python", "-m", "cluster_jobs.analysis", "--config"]
+    assert AnalyzeConfig.model_validate_json(rendered[-1]) == analyze.config
 
 
 def test_an_entrypoint_with_quotes_colons_and_hashes_stays_one_string(tmp_path):
@@ -201,7 +207,7 @@ def test_an_entrypoint_with_quotes_colons_and_hashes_stays_one_string(tmp_path):
     (path,) = render_rayjobs([cfg], tmp_path)
     command = yaml.safe_load(path.read_text())["spec"]["entrypoint"]
     assert command == entrypoint(cfg)
-    assert shlex.split(command)[shlex.split(command).index("--store") + 1] == cfg.store
+    assert TrainConfig.model_validate_json(shlex.split(command)[-1]).store == cfg.store
 
 
 def test_the_rayjob_cluster_is_raycluster_yaml(tmp_path):
@@ -219,7 +225,7 @@ def test_a_local_store_is_refused_before_anything_is_written(tmp_path, store):
 
 
 def test_an_analysis_writing_into_its_pod_is_refused(tmp_path):
-    job = AnalyzeJob(["--store", "s3://bucket/ddm", "--out", "results/run1"])
+    job = AnalyzeJob(AnalyzeConfig(store="s3://bucket/ddm", out="results/run1"))
     with pytest.raises(DDMError, match="give --out s3://"):
         render_rayjobs([job], tmp_path)
 

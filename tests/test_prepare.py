@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from cluster_jobs.clustering import cluster_images, heldout_mask
-from cluster_jobs.prepare import PrepareConfig, prepare
-from cluster_jobs.shards import cluster_dataset, clusters_dataset
+from cluster_jobs.data.clustering import cluster_images, heldout_mask
+from cluster_jobs.data.prepare import PrepareConfig, prepare
+from cluster_jobs.data.shards import cluster_dataset, clusters_dataset
 from ddm_nodes.dataset_manifest import FEATURES_KEY, MANIFEST_KEY, DatasetManifest
 from ddm_nodes.errors import DDMError, IntegrityError
 from ddm_nodes.features import FeatureSpace

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from cluster_jobs.clustering import cluster_images
-from cluster_jobs.shards import cluster_dataset
+from cluster_jobs.data.clustering import cluster_images
+from cluster_jobs.data.shards import cluster_dataset
+from cluster_jobs.training.config import TrainConfig
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.store import open_store
 
@@ -78,8 +80,10 @@ def test_submit_emit_kuberay_writes_one_rayjob_per_job(ddm, s3_env, bucket, tmp_
     assert names == [f"rayjob-expert-00{k}.yaml" for k in range(3)] + ["rayjob-router.yaml"]
     job = yaml.safe_load((out / "rayjob-expert-001.yaml").read_text())
     assert job["kind"] == "RayJob" and job["metadata"]["name"].startswith("ddm-expert-001-")
-    assert job["spec"]["entrypoint"].startswith("python -m cluster_jobs.train_expert --store ")
-    assert f"--store {uri} --cluster 1" in job["spec"]["entrypoint"]
+    command = shlex.split(job["spec"]["entrypoint"])
+    assert command[:5] == ["python", "-m", "cluster_jobs.training", "expert", "--config"]
+    cfg = TrainConfig.model_validate_json(command[5])  # the whole config, as submitted
+    assert (cfg.store, cfg.cluster, cfg.steps) == (uri, 1, 50)
     missing_out = ddm(*args, env=s3_env)
     assert missing_out.returncode == 2 and "--out" in missing_out.stderr
     local = ddm("submit", "--store", str(tmp_path), "--emit", "kuberay", "--out", str(out))

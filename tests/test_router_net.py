@@ -9,12 +9,8 @@ import torch
 
 from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import TIME_SCALE
-from ddm_nodes.router_net import (
-    ROUTER_PRESETS,
-    RouterNet,
-    get_router_preset,
-    timestep_embedding,
-)
+from ddm_nodes.presets import ROUTER_PRESETS, get_router_preset
+from ddm_nodes.router_net import RouterNet, timestep_embedding
 
 
 def _router(preset: str = "router-tiny", channels: int = 1, k: int = 3, seed: int = 0):

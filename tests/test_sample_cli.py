@@ -11,7 +11,7 @@ import torch
 from conftest import build_tiny_ddm
 from PIL import Image
 
-from cluster_jobs.sampling import run_sample
+from cluster_jobs.analysis.sampling import run_sample
 from router_service.local_experts import LocalExperts
 
 K, SIZE = 8, 16

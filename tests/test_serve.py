@@ -28,8 +28,9 @@ import numpy as np
 import pytest
 from conftest import build_tiny_ddm, free_port
 
-from cluster_jobs.sampling import run_remote_sample, run_sample, sample_request
-from ddm_nodes.checkpoint import WEIGHTS_FILE, expert_prefix
+from cluster_jobs.analysis.sampling import run_remote_sample, run_sample, sample_request
+from ddm_nodes.checkpoint import WEIGHTS_FILE
+from ddm_nodes.names import expert_prefix
 from router_service.local_experts import LocalExperts
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster_jobs.shards import write_cluster_shards
-from cluster_jobs.sources import load_source
+from cluster_jobs.data.shards import write_cluster_shards
+from cluster_jobs.data.sources import load_source
 from ddm_nodes.errors import DDMError
 from ddm_nodes.store import LocalStore
 

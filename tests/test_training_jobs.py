@@ -15,12 +15,13 @@ import psutil
 import pytest
 import torch
 
-from cluster_jobs.prepare import PrepareConfig, prepare
-from cluster_jobs.train_config import TrainConfig
-from cluster_jobs.train_tasks import heldout_loss
-from ddm_nodes.checkpoint import expert_prefix, load_model, read_manifest
+from cluster_jobs.data.prepare import PrepareConfig, prepare
+from cluster_jobs.training.config import TrainConfig
+from cluster_jobs.training.tasks import heldout_loss
+from ddm_nodes.checkpoint import load_model, read_manifest
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.experts import Expert, ExpertSpec
+from ddm_nodes.names import expert_prefix
 from ddm_nodes.store import open_store
 
 pytestmark = pytest.mark.integration
@@ -79,6 +80,10 @@ def test_two_experts_train_in_isolation(ray_head, store, ddm):
         "30",
         "--checkpoint-every",
         "10",
+        "--warmup-steps",
+        "3",
+        "--weight-decay",
+        "0.02",
         *TINY,
     ]
     done = ddm(*submit, "--wait", env=ray_head)
@@ -91,6 +96,10 @@ def test_two_experts_train_in_isolation(ray_head, store, ddm):
         loaded = load_model(s, expert_prefix(k), kind="expert")  # verifies every sha256
         assert loaded.manifest.final and loaded.manifest.cluster == k
         assert loaded.manifest.step == 30 and loaded.manifest.images_seen == 30 * 16
+        # the options reached the worker's loop: training.json is what it ran with
+        ran = loaded.training["config"]
+        assert ran["warmup_steps"] == 3 and ran["weight_decay"] == pytest.approx(0.02, rel=0)
+        assert (ran["preset"], ran["batch_size"], ran["cluster"]) == ("dit-tiny", 16, k)
         logs = job_logs(ray_head, sid)
         read = {
             line.split("/shards/")[1].split("/")[0]
@@ -112,12 +121,12 @@ def test_two_experts_train_in_isolation(ray_head, store, ddm):
 
 def test_readme_raw_ray_job_submit_works_as_printed(ray_head, store):
     """README: `eval "$(ddm cluster env)"` then `ray job submit --working-dir . -- python -m
-    cluster_jobs.train_expert ...` (expert 0 is already trained: the job says so, exits 0)."""
+    cluster_jobs.training expert ...` (expert 0 is already trained: the job says so, exits 0)."""
     root = Path(__file__).resolve().parent.parent
     bindir = Path(sys.executable).parent
     script = (
         f'export PATH="{bindir}:$PATH"; eval "$(ddm cluster env)"; '
-        "ray job submit --working-dir . -- python -m cluster_jobs.train_expert "
+        "ray job submit --working-dir . -- python -m cluster_jobs.training expert "
         f"--store {store} --cluster 0 --preset dit-tiny --steps 30 --batch-size 16"
     )
     out = subprocess.run(
@@ -211,13 +220,13 @@ def test_training_lowers_the_heldout_loss(ray_head, store):
     "args, message",
     [
         (["--cluster", "7"], "out of range"),
-        (["--cluster", "0", "--preset", "dit-huge"], "unknown preset"),
+        (["--cluster", "0", "--preset", "dit-huge"], "'dit-huge' is not one of 'unet-tiny'"),
         (["--cluster", "0", "--mixed-precision", "fp16"], "fp16 needs --device cuda"),
     ],
 )
 def test_bad_training_input_exits_2(store, args, message):
     out = subprocess.run(
-        [sys.executable, "-m", "cluster_jobs.train_expert", "--store", store, *args],
+        [sys.executable, "-m", "cluster_jobs.training", "expert", "--store", store, *args],
         capture_output=True,
         text=True,
         timeout=120,

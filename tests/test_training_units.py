@@ -1,4 +1,5 @@
-"""cluster_jobs/training.py without Ray: config, tasks, data isolation, checkpoints, validate."""
+"""cluster_jobs/training without Ray: the config and its round trip through every process
+boundary, tasks, data isolation, checkpoints, validate."""
 
 from __future__ import annotations
 
@@ -6,31 +7,37 @@ import copy
 import itertools
 import json
 import math
+import shlex
 import shutil
+import sys
+import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import typer
+from conftest import run_ddm_in_process
 from pydantic import ValidationError
 
-from cluster_jobs.prepare import PrepareConfig, prepare
-from cluster_jobs.train_checkpoints import (
+from cluster_jobs.data.prepare import PrepareConfig, prepare
+from cluster_jobs.training.checkpoints import (
     LATEST,
     TrainState,
     find_resume_point,
     restore,
     save_training_checkpoint,
 )
-from cluster_jobs.train_config import TrainConfig
-from cluster_jobs.train_tasks import (
+from cluster_jobs.training.config import TrainConfig
+from cluster_jobs.training.tasks import (
     FlowTask,
     RouterTask,
     batch_stream,
     lr_at,
     make_task,
     training_clusters,
+    validate,
 )
-from cluster_jobs.training import validate
 from ddm_nodes import flow
 from ddm_nodes.checkpoint import MANIFEST_FILE, load_model, read_manifest
 from ddm_nodes.dataset_manifest import (
@@ -41,6 +48,7 @@ from ddm_nodes.dataset_manifest import (
 )
 from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import Expert
+from ddm_nodes.presets import EXPERT_PRESETS
 from ddm_nodes.router_net import RouterNet
 from ddm_nodes.store import LocalStore, open_store
 
@@ -170,6 +178,145 @@ def test_config_hash_ignores_scheduling_fields(field, value):
 def test_config_hash_changes_with_what_determines_the_model(field, value):
     base = _cfg("/s")
     assert _cfg("/s", **{field: value}).config_hash() != base.config_hash()
+
+
+# --- a config crosses every process boundary whole -----------------------------------------
+
+# Every TrainConfig field at a value other than its default (for an expert: every field
+# applies). The tests below fail when a field is added without being listed here.
+NON_DEFAULT = dict(
+    kind="expert",
+    cluster=1,
+    preset="dit-tiny",
+    steps=77,
+    batch_size=12,
+    lr=7e-4,
+    weight_decay=0.02,
+    warmup_steps=3,
+    grad_clip=0.5,
+    ema_decay=0.99,
+    label_dropout=0.25,
+    unconditional=True,
+    workers=2,
+    cpus_per_worker=0.5,
+    device="cuda",
+    mixed_precision="bf16",
+    checkpoint_every=11,
+    keep_checkpoints=3,
+    shuffle_buffer=13,
+    log_every=5,
+    seed=9,
+    max_failures=1,
+    restart=True,
+)
+
+
+def test_the_round_trip_covers_every_field_at_a_non_default_value():
+    assert set(NON_DEFAULT) | {"store"} == set(TrainConfig.model_fields)
+    default = TrainConfig(kind="expert", store="/s", cluster=0)
+    for name, value in NON_DEFAULT.items():
+        if name != "kind":
+            assert getattr(default, name) != value, name
+
+
+class _CapturingTrainer:
+    """Stands in for Ray Train's TorchTrainer: keeps what it was given, trains nothing."""
+
+    given: dict = {}
+
+    def __init__(self, train_loop, *, train_loop_config, scaling_config, run_config):
+        _CapturingTrainer.given = dict(
+            loop=train_loop_config, scaling=scaling_config, run=run_config
+        )
+
+    def fit(self):
+        return SimpleNamespace(metrics={})
+
+
+def test_what_the_worker_receives_equals_what_was_submitted(prepared, monkeypatch):
+    """`ddm submit`'s job command (the whole config as JSON) -> `python -m
+    cluster_jobs.training expert` -> the launcher -> Ray Train's loop config -> the rank."""
+    import ray
+    import ray.train.torch
+
+    from cluster_jobs.submit import entrypoint
+    from cluster_jobs.training.commands import main
+    from cluster_jobs.training.worker import config_of
+
+    submitted = TrainConfig(store=prepared[0], **NON_DEFAULT)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", _CapturingTrainer)
+    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    command = shlex.split(entrypoint(submitted))
+    assert command[:3] == ["python", "-m", "cluster_jobs.training"]
+
+    def run_job(*args: str) -> TrainConfig:
+        monkeypatch.setattr(sys, "argv", ["python -m cluster_jobs.training", *args])
+        with pytest.raises(SystemExit) as done:
+            main()
+        assert done.value.code == 0
+        return config_of(_CapturingTrainer.given["loop"])
+
+    assert run_job(*command[3:]) == submitted
+    scaling = _CapturingTrainer.given["scaling"]
+    assert (scaling.num_workers, scaling.use_gpu) == (2, True)
+    assert scaling.resources_per_worker == {"CPU": 0.5}
+    assert _CapturingTrainer.given["run"].failure_config.max_failures == 1
+    # options given beside --config override it; the rest is kept
+    overridden = run_job(*command[3:], "--steps", "5", "--no-restart")
+    assert overridden == submitted.model_copy(update={"steps": 5, "restart": False})
+
+
+def test_every_field_is_an_option_of_the_job_and_of_ddm_submit():
+    """Generated from the model: a field added later is settable at once."""
+    from cluster_jobs.cli import app
+
+    def flags(command) -> set[str]:
+        return {o for p in command.params for o in [*p.opts, *p.secondary_opts]}
+
+    ddm = typer.main.get_command(app)
+    train = ddm.get_command(None, "train").get_command(None, "expert")
+    submit = ddm.get_command(None, "submit")
+    for name in TrainConfig.model_fields:
+        flag = "--" + name.replace("_", "-")
+        if name != "kind":
+            assert flag in flags(train), flag
+        if name not in ("kind", "cluster", "restart"):  # submit: --clusters, --force
+            assert flag in flags(submit), flag
+    assert {"--config", "--unconditional", "--no-unconditional"} <= flags(train)
+    router = ddm.get_command(None, "train").get_command(None, "router")
+    assert "--cluster" not in flags(router) and "--label-dropout" not in flags(router)
+    preset = next(p for p in train.params if "--preset" in p.opts)
+    assert typing.get_args(preset.type_descriptor.annotation) == tuple(EXPERT_PRESETS)
+
+
+def test_ddm_submit_options_reach_every_job_config(prepared, monkeypatch):
+    """`ddm submit` with every option it takes: each job's config has them (the router and
+    the featnet: --router-preset/--router-lr instead of --preset/--lr; fields of
+    flow-matching jobs only go to those), checked without Ray."""
+    from cluster_jobs import submit as jobs
+    from cluster_jobs.training.config import fields_for
+    from ddm_nodes.store import open_store
+
+    seen: list[TrainConfig] = []
+    monkeypatch.setattr(jobs, "submit", lambda url, to_submit, **kw: seen.extend(to_submit) or [])
+    args = []
+    for name, value in NON_DEFAULT.items():
+        if name in ("kind", "cluster", "restart"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    router = ["--router", "--router-preset", "router-s", "--router-lr", "0.005"]
+    done = run_ddm_in_process(
+        "submit", "--store", prepared[0], "--clusters", "1", *router, *args,
+        "--address", "http://127.0.0.1:9",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    uri = open_store(prepared[0]).uri
+    expert, routed = seen
+    assert expert == TrainConfig(store=uri, **{**NON_DEFAULT, "restart": False})
+    common = {k: v for k, v in NON_DEFAULT.items() if k in fields_for("router")}
+    common |= {"kind": "router", "preset": "router-s", "lr": 0.005, "restart": False}
+    assert routed == TrainConfig(store=uri, **common)
 
 
 # --- learning rate ----------------------------------------------------------------------
@@ -612,7 +759,7 @@ def test_the_newer_of_ray_and_store_pointers_wins(prepared, tmp_path):
 def test_train_local_trains_checkpoints_and_continues(store_copy):
     """The Ray-free worker: 6 steps with a checkpoint every 4, then continued to 9 steps
     from the step-6 checkpoint (not from scratch)."""
-    from cluster_jobs.training import train_local
+    from cluster_jobs.training.worker import train_local
 
     cfg = _cfg(
         store_copy,
@@ -636,7 +783,7 @@ def test_train_local_trains_checkpoints_and_continues(store_copy):
 
 @pytest.mark.parametrize("kind", ["router", "monolith"])
 def test_router_and_monolith_jobs_run_and_save_their_kind(store_copy, kind):
-    from cluster_jobs.training import train_local
+    from cluster_jobs.training.worker import train_local
 
     preset = "router-tiny" if kind == "router" else "dit-tiny"
     cfg = _cfg(store_copy, kind=kind, preset=preset, batch_size=8, steps=4, checkpoint_every=2)
@@ -652,8 +799,8 @@ def test_a_ray_pointer_to_a_checkpoint_the_store_lost_is_ignored(tmp_path):
     pointer must not make the job fail; the store's own latest.json decides."""
     import json as _json
 
-    from cluster_jobs.train_checkpoints import LATEST, find_resume_point
-    from cluster_jobs.train_config import TrainConfig
+    from cluster_jobs.training.checkpoints import LATEST, find_resume_point
+    from cluster_jobs.training.config import TrainConfig
     from ddm_nodes.store import open_store
 
     store = open_store(tmp_path)

@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import torch
 
 from ddm_nodes.errors import DDMError
-from ddm_nodes.pixels import from_npy, png_bytes, to_uint8
-from ddm_nodes.store import LocalStore
+from ddm_nodes.pixels import from_npy
 from router_service.engine import plan, run
 from router_service.local_experts import LocalExperts
 from router_service.schemas import Limits, RequestError, SampleRequest, SampleResponse, parse
@@ -114,26 +109,3 @@ def run_remote_sample(
         body.degraded,
         body.missing_experts,
     )
-
-
-def grid_png(images: torch.Tensor, columns: int | None = None) -> bytes:
-    """(N, C, H, W) in [-1, 1] -> one PNG grid, 2-pixel gaps."""
-    pixels = to_uint8(images)  # (N, H, W, C)
-    n, h, w, c = pixels.shape
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    pad = 2
-    canvas = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
-    for i, im in enumerate(pixels):
-        r, q = divmod(i, cols)
-        canvas[
-            pad + r * (h + pad) : pad + r * (h + pad) + h,
-            pad + q * (w + pad) : pad + q * (w + pad) + w,
-        ] = im
-    return png_bytes(canvas)
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Through the store's atomic put (temp name, then rename): no reader sees half a file."""
-    path = Path(path).expanduser().resolve()
-    LocalStore(path.parent).put_bytes(path.name, data)

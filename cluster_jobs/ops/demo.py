@@ -24,29 +24,32 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from ddm_nodes.errors import DDMError
+from ddm_nodes.presets import DEFAULT_EXPERT_PRESET
 
 STRATEGIES = ("top-2", "full")
 
 
 class DemoConfig(BaseModel):
+    """`ddm demo`'s settings; its options are generated from these fields."""
+
     model_config = ConfigDict(extra="forbid")
 
-    out: str = "demo-out"
-    dataset: str = "fashion-mnist"
-    clusters: int = Field(4, ge=2, le=16)
-    preset: str = "unet-tiny"
+    out: str = Field("demo-out", description="folder for everything the demo writes")
+    dataset: str = Field("fashion-mnist", description="data set to prepare")
+    clusters: int = Field(4, ge=2, le=16, description="K: clusters, one expert each")
+    preset: str = Field(DEFAULT_EXPERT_PRESET, description="the experts' preset")
     # Few steps at a high rate with a short warm-up. bench/schedules.py (one expert of the
     # demo's store, one thread): 50 steps at 2e-3 (warm-up 10) reach a held-out loss of
     # 0.250 in 72 s, where 100 steps at the default 3e-4, all of them warm-up, reached
     # 0.284 in 154 s.
-    expert_steps: int = Field(50, ge=1)
-    expert_lr: float = Field(2e-3, gt=0, le=1)
+    expert_steps: int = Field(50, ge=1, description="optimizer steps per expert")
+    expert_lr: float = Field(2e-3, gt=0, le=1, description="the experts' learning rate")
     warmup_steps: int = Field(10, ge=0, description="every demo job's learning-rate warm-up")
-    router_steps: int = Field(200, ge=1, description="the router's and the featnet's")
-    batch_size: int = Field(64, ge=1)
+    router_steps: int = Field(200, ge=1, description="the router's and the featnet's steps")
+    batch_size: int = Field(64, ge=1, description="every demo job's batch size")
     n: int = Field(16, ge=1, le=64, description="images per HTTP sampling request")
-    sample_steps: int = Field(20, ge=1, le=200)
-    image_size: int | None = Field(None, ge=4, description="resize (tests: smaller)")
+    sample_steps: int = Field(20, ge=1, le=200, description="Euler steps per request")
+    image_size: int | None = Field(None, ge=4, description="resize images (smaller: faster)")
     keep: bool = Field(False, description="leave everything running until Ctrl-C")
 
 
@@ -72,10 +75,13 @@ def _ddm() -> str:
 
 def run_demo(cfg: DemoConfig) -> dict[str, str]:
     """Run the demo; returns the paths and URLs it printed. Stops all it started."""
-    from cluster_jobs import local_cluster, stack
     from cluster_jobs import submit as jobs
-    from cluster_jobs.prepare import PrepareConfig, prepare
-    from cluster_jobs.sampling import grid_png, run_remote_sample, sample_request, write_atomic
+    from cluster_jobs.analysis.config import AnalyzeConfig
+    from cluster_jobs.analysis.sampling import run_remote_sample, sample_request
+    from cluster_jobs.data.prepare import PrepareConfig, prepare
+    from cluster_jobs.ops import local_cluster, stack
+    from ddm_nodes.pixels import grid_png
+    from ddm_nodes.store import write_atomic
 
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -128,17 +134,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
         expert = dict(preset=cfg.preset, lr=cfg.expert_lr, **common)
         expert |= dict(steps=cfg.expert_steps, checkpoint_every=cfg.expert_steps)
         classifier = dict(steps=cfg.router_steps, checkpoint_every=cfg.router_steps, **common)
-        configs = jobs.plan(store, "all", False, False, expert)
-        configs += jobs.plan(store, "none", True, False, classifier, featnet=True)
+        configs = jobs.plan(store, "all", expert)
+        configs += jobs.plan(store, "none", classifier, router=True, featnet=True)
         _run_jobs(jobs, head.dashboard_url, configs, progress)
 
         # The analysis runs while Serve starts and answers: Serve's start-up mostly waits
         # on its controller and replicas, and the analysis uses that CPU.
         progress.step("quick analysis (`ddm analyze --quick`) as a Ray job, in the background")
         analysis = out / "analysis"
-        args = ["--store", store, "--out", str(analysis), "--quick"]
-        args += ["--strategies", "full,top-1,top-2"]
-        analyze_job = jobs.submit(head.dashboard_url, [jobs.AnalyzeJob(args)])
+        quick = AnalyzeConfig(
+            store=store, out=str(analysis), quick=True, strategies=["full", "top-1", "top-2"]
+        )
+        analyze_job = jobs.submit(head.dashboard_url, [jobs.AnalyzeJob(quick)])
 
         progress.step("starting the Serve app (`ddm serve`)")
         url = _serve(store, local_cluster.free_port(), out / "serve.log", cleanup, progress)

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ddm_nodes.checkpoint import FEATNET_PREFIX, has_checkpoint, load_model
+from ddm_nodes.checkpoint import has_checkpoint, load_model
 from ddm_nodes.errors import DDMError
+from ddm_nodes.names import FEATNET_PREFIX
 from ddm_nodes.router_net import RouterNet
 from ddm_nodes.store import Store
 

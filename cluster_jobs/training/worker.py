@@ -1,7 +1,6 @@
-"""Training as Ray jobs: one worker, one launcher.
+"""One data-parallel rank of a training job (launch.py starts `workers` of them).
 
-The launcher runs a Ray Train `TorchTrainer` with `workers` data-parallel workers; inside
-each worker Hugging Face Accelerate owns the device, mixed precision and the DDP wrapping
+Inside each rank Hugging Face Accelerate owns the device, mixed precision and the DDP wrapping
 (`accelerator.prepare`, not Ray's prepare_model). An expert's workers form a process group
 of their own: no expert ever joins another's, and an expert reads only its own cluster
 (train_tasks.training_clusters).
@@ -17,36 +16,30 @@ import copy
 import json
 import logging
 import math
-import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from cluster_jobs.train_checkpoints import (
+from cluster_jobs.training.checkpoints import (
     TrainState,
     find_resume_point,
     restore,
     save_training_checkpoint,
 )
-from cluster_jobs.train_config import TrainConfig
-from cluster_jobs.train_tasks import (
-    FlowTask,
+from cluster_jobs.training.config import TrainConfig
+from cluster_jobs.training.tasks import (
     batch_stream,
     ema_decay_at,
     lr_at,
     make_task,
-    training_clusters,
+    validate,
 )
 from ddm_nodes import flow
-from ddm_nodes.checkpoint import has_checkpoint, read_manifest
 from ddm_nodes.dataset_manifest import DatasetManifest
-from ddm_nodes.errors import DDMError
-from ddm_nodes.experts import Expert
-from ddm_nodes.store import Store, open_store
+from ddm_nodes.store import open_store
 
 log = logging.getLogger("ddm.train")
 
@@ -248,12 +241,22 @@ class Worker:
         return metrics
 
 
-def train_loop(config: dict[str, Any]) -> None:
+def loop_config(cfg: TrainConfig) -> dict[str, str]:
+    """What Ray Train hands every rank: the job's whole TrainConfig, as its JSON."""
+    return {"config": cfg.model_dump_json()}
+
+
+def config_of(loop: dict[str, str]) -> TrainConfig:
+    """The TrainConfig a rank receives (`loop_config`'s inverse)."""
+    return TrainConfig.model_validate_json(loop["config"])
+
+
+def train_loop(loop: dict[str, str]) -> None:
     """The Ray Train worker function: one rank of ONE job."""
     import ray.train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = TrainConfig.model_validate(config)
+    cfg = config_of(loop)
     ctx = ray.train.get_context()
     Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), RayReporter(cfg)).run()
 
@@ -262,76 +265,3 @@ def train_local(cfg: TrainConfig) -> dict[str, Any]:
     """The same worker in this process, without Ray (single rank)."""
     validate(cfg)
     return Worker(cfg, 0, 1, LocalReporter()).run()
-
-
-# --- the launcher ---------------------------------------------------------------------
-
-
-@dataclass
-class TrainOutcome:
-    name: str
-    prefix: str
-    step: int
-    images_seen: int
-    loss: float | None
-    skipped: bool = False
-    images_per_s: float | None = None
-
-
-def validate(cfg: TrainConfig) -> tuple[Store, DatasetManifest]:
-    """Everything that can be checked before a worker group starts (~17 s saved per error)."""
-    store = open_store(cfg.store)
-    manifest = DatasetManifest.load(store)
-    task = make_task(cfg, manifest)
-    if isinstance(task, FlowTask):
-        Expert.create(task.spec)  # image size vs patch / downsampling
-    for k in training_clusters(cfg, manifest):
-        for shard in manifest.shards("train", k):
-            if not store.exists(shard.key):
-                raise DDMError(
-                    f"shard {store.url(shard.key)} of cluster {k} is missing; re-run "
-                    "`ddm prepare --overwrite`"
-                )
-    return store, manifest
-
-
-def launch(cfg: TrainConfig, storage_path: str | None = None) -> TrainOutcome:
-    """Train one model with a Ray Train TorchTrainer (connects to the job's Ray cluster)."""
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    store, _ = validate(cfg)
-    if not cfg.restart and has_checkpoint(store, cfg.prefix):
-        done = read_manifest(store, cfg.prefix)
-        if done.final and done.step >= cfg.steps:
-            log.info("%s: already trained to step %d; nothing to do", cfg.name, done.step)
-            return TrainOutcome(cfg.name, cfg.prefix, done.step, done.images_seen, done.loss, True)
-    if cfg.restart:
-        store.delete(store.list(cfg.prefix + "/"))
-
-    ray.init(ignore_reinit_error=True, log_to_driver=True)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=cfg.model_dump(),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers,
-            use_gpu=cfg.device == "cuda",
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=f"ddm-{cfg.name}-{cfg.config_hash()}",
-            storage_path=storage_path or os.path.join(tempfile.gettempdir(), "ddm-ray-train"),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
-    )
-    result = trainer.fit()
-    m = result.metrics or {}
-    return TrainOutcome(
-        cfg.name,
-        m.get("prefix", cfg.prefix),
-        m.get("step", 0),
-        m.get("images_seen", 0),
-        m.get("loss"),
-        images_per_s=m.get("images_per_s"),
-    )

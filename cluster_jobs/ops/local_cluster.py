@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from cluster_jobs import processes
+from cluster_jobs.ops import processes
 from ddm_nodes.errors import DDMError
 
 DEFAULT_DIR = Path("~/.ddm/cluster")

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster_jobs.clustering import cluster_images, heldout_mask
-from cluster_jobs.shards import write_cluster_shards
-from cluster_jobs.sources import load_source
+from cluster_jobs.data.clustering import cluster_images, heldout_mask
+from cluster_jobs.data.shards import write_cluster_shards
+from cluster_jobs.data.sources import load_source
 from ddm_nodes.dataset_manifest import (
     FEATURES_KEY,
     MANIFEST_KEY,

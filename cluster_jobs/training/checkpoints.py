@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from safetensors.torch import load as load_safetensors
 
-from cluster_jobs.train_config import TrainConfig
+from cluster_jobs.training.config import TrainConfig
 from ddm_nodes.checkpoint import (
     TRAINING_FILE,
     WEIGHTS_FILE,

@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cluster_jobs.alignment import BUCKETS, spearman
+from cluster_jobs.analysis.alignment import BUCKETS, spearman
+from ddm_nodes.store import write_atomic
 
 PLOTS = {
     "fid": "fid.png",
@@ -180,8 +181,6 @@ def _table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    from cluster_jobs.sampling import write_atomic
-
     plots = _plots(report, out)
     s = report["settings"]
     router = report.get("router_accuracy_by_t") or {}

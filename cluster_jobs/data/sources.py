@@ -154,7 +154,7 @@ def _folder(root: Path, image_size: int | None) -> ImageSet:
 def _wds(pattern: str, image_size: int | None) -> ImageSet:
     import webdataset as wds
 
-    from cluster_jobs.shards import register_s3_opener
+    from cluster_jobs.data.shards import register_s3_opener
 
     register_s3_opener()
     decoded, labels = [], []

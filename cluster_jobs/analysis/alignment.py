@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from cluster_jobs.shards import cluster_dataset
+from cluster_jobs.data.shards import cluster_dataset
 from ddm_nodes import flow
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.store import Store

@@ -24,8 +24,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from cluster_jobs import processes
-from cluster_jobs.local_cluster import load_info
+from cluster_jobs.ops import processes
+from cluster_jobs.ops.local_cluster import load_info
 from ddm_nodes.errors import DDMError
 
 DEFAULT_DIR = Path("~/.ddm/stack")

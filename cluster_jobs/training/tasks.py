@@ -1,5 +1,6 @@
-"""What a job learns and from which data: the flow-matching and router tasks, the batch
-stream (where expert isolation is enforced), the schedules, and the held-out loss."""
+"""What a job learns and from which data: the flow-matching and router tasks, the checks a
+config passes against the store before any worker starts, the batch stream (where expert
+isolation is enforced), the schedules, and the held-out loss."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from typing import Any, Literal
 
 import torch
 
-from cluster_jobs.shards import clusters_dataset
-from cluster_jobs.train_config import TrainConfig
+from cluster_jobs.data.shards import clusters_dataset
+from cluster_jobs.training.config import TrainConfig
 from ddm_nodes import flow
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import NULL_LABEL, Expert, ExpertSpec, get_preset
 from ddm_nodes.router_net import RouterNet, get_router_preset
-from ddm_nodes.store import Store
+from ddm_nodes.store import Store, open_store
 
 
 class FlowTask:
@@ -116,6 +117,23 @@ class FeatnetTask(RouterTask):
                 right += int((logits.argmax(-1).cpu() == batch[self.target]).sum())
                 total += x0.shape[0]
         return {"heldout_accuracy": right / max(total, 1), "heldout_images": total}
+
+
+def validate(cfg: TrainConfig) -> tuple[Store, DatasetManifest]:
+    """Everything that can be checked before a worker group starts (~17 s saved per error)."""
+    store = open_store(cfg.store)
+    manifest = DatasetManifest.load(store)
+    task = make_task(cfg, manifest)
+    if isinstance(task, FlowTask):
+        Expert.create(task.spec)  # image size vs patch / downsampling
+    for k in training_clusters(cfg, manifest):
+        for shard in manifest.shards("train", k):
+            if not store.exists(shard.key):
+                raise DDMError(
+                    f"shard {store.url(shard.key)} of cluster {k} is missing; re-run "
+                    "`ddm prepare --overwrite`"
+                )
+    return store, manifest
 
 
 def make_task(cfg: TrainConfig, manifest: DatasetManifest) -> FlowTask | RouterTask:

@@ -22,7 +22,7 @@ READY_TIMEOUT_S = 600
 
 def connect_ray() -> bool:
     """Join the cluster (see the module docstring); True when a local Ray was started."""
-    from cluster_jobs.local_cluster import use_local_cluster_auth
+    from cluster_jobs.ops.local_cluster import use_local_cluster_auth
 
     info = use_local_cluster_auth()
     import ray
@@ -74,8 +74,8 @@ def _wait_ready(url: str, app_name: str, deadline: float) -> None:
     raise DDMError(f"the service at {url} did not become ready within {READY_TIMEOUT_S} s")
 
 
-def serve_forever(args: AppArgs, host: str, port: int, access_log: bool = True) -> None:
-    from cluster_jobs.local_cluster import use_local_cluster_auth
+def serve_forever(args: AppArgs, host: str, port: int, *, access_log: bool = True) -> None:
+    from cluster_jobs.ops.local_cluster import use_local_cluster_auth
 
     use_local_cluster_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, then
     from ray import serve

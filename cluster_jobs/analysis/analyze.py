@@ -24,21 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cluster_jobs import alignment, quality, stability
-from cluster_jobs.sampling import grid_png, write_atomic
-from ddm_nodes.checkpoint import MONOLITH_PREFIX, ROUTER_PREFIX, has_checkpoint, load_model
+from cluster_jobs.analysis import alignment, quality, stability
+from cluster_jobs.analysis.config import AnalyzeConfig
+from ddm_nodes.checkpoint import has_checkpoint, load_model
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import Expert, ExpertSpec
-from ddm_nodes.store import Store, open_store
+from ddm_nodes.names import MONOLITH_PREFIX, ROUTER_PREFIX
+from ddm_nodes.pixels import grid_png
+from ddm_nodes.store import Store, open_store, write_atomic
 from router_service.local_experts import LocalExperts
 from router_service.policies import RoutingError, get_policy
 from router_service.sampler import initial_noise
 from router_service.store_models import check_experts_present
 
-DEFAULT_STRATEGIES = ["full", "top-1", "top-2", "threshold-0.2", "nearest-centroid", "uniform"]
 MONOLITH = "monolith"
 CHUNK = 250  # images per sampling call: bounds memory, not results
 ERROR_T = [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -47,52 +47,6 @@ PAPER = {
     "fid": {"monolith": 29.64, "top-1": 30.60, "top-2": 22.60, "full": 47.89},
     "delta_refine": {"top-2": 0.051, "full": 0.020},
 }
-
-
-class AnalyzeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    store: str
-    out: str
-    strategies: list[str] = Field(default_factory=lambda: list(DEFAULT_STRATEGIES))
-    include_monolith: bool = False
-    n: int = Field(1000, ge=10, le=100_000, description="images per strategy and seed")
-    steps: int = Field(50, ge=1, le=1000)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
-    stability_n: int = Field(200, ge=2, description="trajectories for stability")
-    alignment_n: int = Field(200, ge=2, description="traced trajectories for alignment")
-    disagreement_n: int = Field(64, ge=3, description="trajectories with every expert traced")
-    accuracy_n: int = Field(256, ge=8, description="held-out images for expert errors")
-    eps: float = Field(1e-3, gt=0, le=1, description="RMS per pixel of the perturbation δ")
-    knn: int = Field(5, ge=1, description="neighbours for kNN cluster distances")
-    train_per_cluster: int = Field(500, ge=10, description="training features per cluster")
-    inception: str | None = Field(
-        None, description="local TorchScript Inception-v3 (inception-2015-12-05.pt)"
-    )
-    quick: bool = False
-
-    @field_validator("strategies")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        for name in v:
-            policy = get_policy(name)  # RoutingError (a ValueError) names the forms
-            if policy.needs == "oracle":
-                raise ValueError("oracle needs true clusters; it is not a sampling strategy")
-        return [get_policy(name).name for name in v]
-
-    @classmethod
-    def quick_settings(cls) -> dict[str, Any]:
-        """Small enough for CI on 2 cores: under 5 minutes on a tiny store."""
-        return dict(
-            n=64,
-            steps=8,
-            stability_n=16,
-            alignment_n=16,
-            disagreement_n=8,
-            accuracy_n=32,
-            train_per_cluster=50,
-            quick=True,
-        )
 
 
 def _say(message: str) -> None:
@@ -273,7 +227,7 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
     }
     write_atomic(out / "results.json", json.dumps(report, indent=2, default=float).encode())
-    from cluster_jobs.report import write_report
+    from cluster_jobs.analysis.report import write_report
 
     write_report(report, out)
     if remote_out:

@@ -1,0 +1,2 @@
+"""Data preparation: sources (sources.py), feature space and k-means (clustering.py),
+per-cluster WebDataset shards (shards.py) and `ddm prepare` itself (prepare.py)."""

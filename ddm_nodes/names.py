@@ -1,0 +1,32 @@
+"""How every part of the system names the models of a store: the store's folders, the Serve
+deployments, the metrics' labels, the job names and the command line all say `expert-003`
+for expert 3, through `expert_name`, so no two places can disagree."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Kind = Literal["expert", "router", "monolith", "featnet"]
+EXPERTS_FOLDER = "experts"
+ROUTER_PREFIX = "router"
+MONOLITH_PREFIX = "monolith"
+FEATNET_PREFIX = "featnet"
+
+
+def expert_name(k: int) -> str:
+    """Expert k's name: its store folder, Serve deployment and metrics label."""
+    return f"expert-{k:03d}"
+
+
+def expert_prefix(k: int) -> str:
+    """Expert k's checkpoint folder in the store."""
+    return f"{EXPERTS_FOLDER}/{expert_name(k)}"
+
+
+def model_prefix(kind: Kind, cluster: int | None = None) -> str:
+    """The checkpoint folder of a model of `kind` (experts: of `cluster`)."""
+    if kind == "expert":
+        if cluster is None:
+            raise ValueError("an expert's prefix needs its cluster")
+        return expert_prefix(cluster)
+    return {"router": ROUTER_PREFIX, "featnet": FEATNET_PREFIX, "monolith": MONOLITH_PREFIX}[kind]
