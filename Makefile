@@ -1,14 +1,18 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
-# Both create .venv and install the project into it (editable) when needed; the
-# constraints file pins torch to the CPU build on this machine's disk.
+# Both install the Debian packages they need when missing (as root; otherwise they print
+# the exact `sudo apt-get install` line and stop with exit 2), create .venv and install the
+# project into it (editable) when needed; the constraints file pins torch to the CPU build
+# on this machine's disk.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ddm-installed
 DEMO   ?= demo-out
+# Fashion-MNIST (the demo's data, many tests) and Prometheus (`ddm stack`, the demo, tests)
+DEBIAN_PACKAGES := dataset-fashion-mnist prometheus
 
-.PHONY: install demo test bench lint clean
+.PHONY: install system-packages demo test bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +21,26 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
+system-packages:
+	@missing=""; \
+	for p in $(DEBIAN_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" \
+	    || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing; \
+	  else \
+	    echo "error: missing Debian packages:$$missing; run: sudo apt-get install -y$$missing" >&2; \
+	    exit 2; \
+	  fi; \
+	fi
+
+demo: system-packages $(STAMP)
 	$(VENV)/bin/ddm demo --out $(DEMO)
 
-test: $(STAMP)
+test: system-packages $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)

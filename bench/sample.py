@@ -44,7 +44,7 @@ def main() -> None:
         )
         for k in range(8):
             train_local(TrainConfig(kind="expert", cluster=k, preset="dit-tiny", **common))
-        train_local(TrainConfig(kind="router", preset="router-tiny", lr=1e-3, **common))
+        train_local(TrainConfig(kind="router", **common))
     torch.set_num_threads(os.cpu_count() or 1)
     experts = LocalExperts(store)
     run_sample(experts, "top-1", n=4, steps=2)  # warm-up

@@ -63,7 +63,7 @@ def build_store(train_steps: int) -> str:
     )
     for k in range(8):
         train_local(TrainConfig(kind="expert", cluster=k, preset="dit-tiny", **common))
-    train_local(TrainConfig(kind="router", preset="router-tiny", lr=1e-3, **common))
+    train_local(TrainConfig(kind="router", **common))
     return store
 
 

@@ -14,20 +14,15 @@ import typer
 from cluster_jobs.analysis.command import COMMAND as ANALYZE
 from cluster_jobs.ops.demo import DemoConfig
 from cluster_jobs.options import ModelOptions, paragraphs, with_options
-from cluster_jobs.training.commands import COMMANDS, train_options
+from cluster_jobs.training.commands import app as training_app
+from cluster_jobs.training.commands import train_options
 from cluster_jobs.training.config import preset_names
-from cluster_jobs.user_errors import UsageGroup, user_errors
+from cluster_jobs.user_errors import command_line, user_errors
 from ddm_nodes.errors import DDMError
 from ddm_nodes.names import expert_name
 from ddm_nodes.presets import DEFAULT_ROUTER_LR, DEFAULT_ROUTER_PRESET
 
-app = typer.Typer(
-    cls=UsageGroup,
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    help="Decentralized Diffusion Models: experts trained apart, served together.",
-)
+app = command_line("Decentralized Diffusion Models: experts trained apart, served together.")
 
 
 @app.callback()
@@ -103,12 +98,7 @@ def prepare(
         _print_cluster_table(summary)
 
 
-train_app = typer.Typer(
-    no_args_is_help=True, help="Train an expert, the router or the monolith as a Ray Train job."
-)
-app.add_typer(train_app, name="train")
-for _name, _command in COMMANDS.items():
-    train_app.command(_name)(_command)
+app.add_typer(training_app(), name="train")
 
 
 cluster_app = typer.Typer(no_args_is_help=True, help="A local Ray head on loopback.")
@@ -494,7 +484,7 @@ def _print_cluster_table(summary: dict[str, Any]) -> None:
 class _progress:
     """A rich progress bar fed by (what, done, total) callbacks, on stderr."""
 
-    def __init__(self, disable: bool = False):
+    def __init__(self, *, disable: bool = False):
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

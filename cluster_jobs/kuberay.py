@@ -16,12 +16,13 @@ from typing import Any
 
 import yaml
 
+from cluster_jobs import INFRA
 from cluster_jobs.submit import AnalyzeJob, Job, entrypoint, submission_id
 from ddm_nodes import __version__
 from ddm_nodes.errors import DDMError
 from ddm_nodes.store import write_atomic
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "infra/kuberay/rayjob-expert.yaml"
+TEMPLATE = INFRA / "kuberay/rayjob-expert.yaml"
 DEFAULT_IMAGE = f"ddm:{__version__}"  # built from infra/kuberay/Dockerfile
 # KubeRay names a RayJob's cluster `<name>-xxxxx` and that cluster's Services `...-serve-svc`,
 # so it refuses RayJob names that are not DNS-1035 labels of at most 47 characters.

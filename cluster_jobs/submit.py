@@ -17,9 +17,9 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from cluster_jobs import PROJECT_ROOT
 from cluster_jobs.analysis.command import entrypoint as analysis_entrypoint
 from cluster_jobs.analysis.config import AnalyzeConfig
 from cluster_jobs.training.commands import entrypoint as training_entrypoint
@@ -29,7 +29,6 @@ from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.store import open_store
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORKING_DIR_EXCLUDES = [
     ".venv",
     ".git",

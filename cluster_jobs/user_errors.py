@@ -67,6 +67,17 @@ class _OneLineUsage:
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def command_line(help: str) -> typer.Typer:
+    """A Typer app of sub-commands whose every problem is one `error:` line and exit 2."""
+    return typer.Typer(
+        cls=UsageGroup,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        help=help,
+    )
+
+
 class UsageGroup(_OneLineUsage, typer.core.TyperGroup):
     """A Typer app's group (`typer.Typer(cls=UsageGroup)`) with one-line usage errors."""
 

@@ -246,7 +246,7 @@ class S3Store(Store):
             self.client.head_bucket(Bucket=self.bucket)
 
     @contextlib.contextmanager
-    def _errors(self, key: str, missing_ok: bool = False) -> Iterator[None]:
+    def _errors(self, key: str, *, missing_ok: bool = False) -> Iterator[None]:
         """Translate botocore's exceptions into one line that names the fix."""
         from botocore.exceptions import (
             ClientError,

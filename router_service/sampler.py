@@ -10,7 +10,8 @@ Every velocity evaluation at (x, t) runs the same five moves:
     scatter   each sub-batch's velocities back to its samples
     merge     v(x_n) = sum_k w_nk v_k(x_n), in ascending expert id
 
-and the solver turns velocities into steps (see `euler` and `heun`). Conditioning: with
+and the solver turns velocities into steps (see `euler` and `heun`): it receives the run's
+`RoutedVelocity`, which performs these moves and keeps the run's counters. Conditioning: with
 labels and guidance g != 1, each selected expert gets one call on the stacked batch
 [x with labels; x with NULL_LABEL] and applies classifier-free guidance itself,
 v_k = v_null + g (v_cond - v_null), before experts are merged (as Paris does). The router
@@ -22,6 +23,9 @@ an awaitable of one; the sampler knows nothing of where experts live. `sample_as
 core (the Serve router awaits it); `sample` runs it in a fresh event loop for in-process
 use. Sync backends are called one after another inside the gather (no threads), so results
 are deterministic: the same x_T, policy, grid and weights give the same images every run.
+
+`Models` is what planning a request (planning.py) needs beside the experts: the store's
+manifest, router, feature space, image shape and whether the experts take labels.
 
 An expert backend raises `ExpertUnavailable` when no replica of an expert answers. With
 `on_unavailable="fail"` (default) the run stops with it; with "renormalize" the expert is
@@ -49,7 +53,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from ddm_nodes import flow
-from ddm_nodes.dataset_manifest import NULL_LABEL
+from ddm_nodes.dataset_manifest import NULL_LABEL, DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.names import expert_name
 from router_service.disagreement import angular_deviation
@@ -62,7 +66,10 @@ from router_service.policies import (
 
 Solver = Literal["euler", "heun"]
 OnUnavailable = Literal["fail", "renormalize"]
+# v(x, t, step): what a solver calls; `sample_async` passes a RoutedVelocity
 Velocity = Callable[[torch.Tensor, float, int], Awaitable[torch.Tensor]]
+# logits = router(x_t, t): (N, K), or an awaitable of them
+Router = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | Awaitable[torch.Tensor]]
 
 
 class ExpertUnavailable(DDMError):
@@ -83,6 +90,32 @@ class Experts(Protocol):
     def predict(
         self, expert_id: int, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
     ) -> torch.Tensor | Awaitable[torch.Tensor]: ...
+
+
+class Features(Protocol):
+    """A feature space with the K cluster centroids: nearest-centroid's input."""
+
+    def distances(self, images: torch.Tensor) -> torch.Tensor: ...  # (N, C, H, W) -> (N, K)
+
+
+class Models(Protocol):
+    """What planning a request needs of a store's models beside the experts (the
+    router deployment's StoreModels, the in-process LocalExperts)."""
+
+    @property
+    def manifest(self) -> DatasetManifest: ...
+
+    @property
+    def router(self) -> Router | None: ...  # None: the store has no router
+
+    @property
+    def features(self) -> Features | None: ...  # None: no nearest-centroid
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...  # (C, H, W)
+
+    @property
+    def conditional(self) -> bool: ...  # every expert takes class labels
 
 
 # --- time grids: small pure functions ----------------------------------------------------
@@ -115,7 +148,7 @@ def initial_noise(n: int, shape: Sequence[int], seed: int) -> torch.Tensor:
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
 
-# --- solvers: same signature, state in locals ----------------------------------------------
+# --- solvers: same signature, state in locals; `velocity` is the run's RoutedVelocity -------
 
 
 async def euler(velocity: Velocity, x: torch.Tensor, grid: list[float]) -> torch.Tensor:
@@ -196,13 +229,14 @@ async def _resolve(value: Any) -> Any:
 
 
 @dataclass
-class _RoutedVelocity:
-    """v(x, t): route, group, dispatch, scatter, merge. Holds the run's counters."""
+class RoutedVelocity:
+    """v(x, t, step) of one run, the `velocity` every solver receives: route, group,
+    dispatch, scatter, merge (see the module docstring). Holds the run's counters."""
 
-    experts: Any
-    router: Any
+    experts: Experts
+    router: Router | None
     policy: Policy
-    features: Any
+    features: Features | None
     clusters: torch.Tensor | None
     labels: torch.Tensor | None
     guidance: float
@@ -353,7 +387,7 @@ class _RoutedVelocity:
 
 async def sample_async(
     experts: Experts,
-    router: Callable[[torch.Tensor, torch.Tensor], Any] | None,
+    router: Router | None,
     policy: Policy | str,
     x_T: torch.Tensor,
     time_grid: torch.Tensor | Sequence[float],
@@ -361,7 +395,7 @@ async def sample_async(
     *,
     labels: torch.Tensor | None = None,
     guidance: float = 1.0,
-    features: Any = None,
+    features: Features | None = None,
     clusters: torch.Tensor | None = None,
     trace: bool = False,
     trace_all_experts: bool = False,
@@ -418,7 +452,7 @@ async def sample_async(
         raise ValueError(f"on_unavailable must be 'fail' or 'renormalize', got {on_unavailable!r}")
     policy.check_experts(num_experts)
 
-    velocity = _RoutedVelocity(
+    velocity = RoutedVelocity(
         experts=experts,
         router=router,
         policy=policy,

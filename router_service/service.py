@@ -18,15 +18,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from ddm_nodes.errors import DDMError
 from ddm_nodes.names import expert_name
 from ddm_nodes.pixels import npy_bytes, pngs
-from router_service import engine
+from router_service import planning
 from router_service.metrics import RouterMetrics
 from router_service.policies import get_policy
-from router_service.sampler import EvaluationStats, SampleResult
+from router_service.sampler import EvaluationStats, Experts, SampleResult
 from router_service.schemas import (
     ExpertsResponse,
     ExpertStatus,
@@ -40,6 +39,7 @@ from router_service.schemas import (
     Timing,
     Usage,
 )
+from router_service.store_models import StoreModels
 
 SERVED_MODEL = "ddm"  # the one `model` name /v1/images/generations accepts
 
@@ -87,7 +87,7 @@ class Admission:
 
 @dataclass
 class Sampled:
-    plan: engine.Plan
+    plan: planning.Plan
     result: SampleResult
     timing: Timing
 
@@ -100,14 +100,14 @@ class SamplingService:
 
     def __init__(
         self,
-        models: Any,
-        experts: Any,
+        models: StoreModels,
+        experts: Experts,
         limits: Limits | None = None,
         admission: Admission | None = None,
         metrics: RouterMetrics | None = None,
         api_key: str | None = None,
         replica_counts: ReplicaCounts | None = None,
-        default_strategy: str = engine.DEFAULT_STRATEGY,
+        default_strategy: str = planning.DEFAULT_STRATEGY,
     ):
         self.models = models
         self.experts = experts
@@ -119,7 +119,7 @@ class SamplingService:
         self.default_strategy = get_policy(default_strategy).name
 
     async def _sample(self, request: SampleRequest) -> Sampled:
-        plan = engine.plan(
+        plan = planning.plan(
             request, self.models, self.experts.num_experts, self.limits, self.default_strategy
         )
         strategy = plan.policy.name
@@ -134,7 +134,7 @@ class SamplingService:
         async with self.admission.slot() as queued:
             self._report_load()
             try:
-                result = await engine.run(plan, self.experts, self.models, hook)
+                result = await planning.run(plan, self.experts, self.models, hook)
             finally:
                 self._report_load()
         total = time.perf_counter() - start
@@ -199,7 +199,7 @@ class SamplingService:
         if request.size is not None and request.size != f"{w}x{h}":
             raise RequestError("size", f"the models make {w}x{h} images; use size {w}x{h}")
         self.limits.check(request.n, request.num_inference_steps, "n", "num_inference_steps")
-        label = engine.match_prompt(self.models.manifest.class_names, request.prompt)
+        label = planning.match_prompt(self.models.manifest.class_names, request.prompt)
         sample_request = SampleRequest(
             n=request.n,
             steps=request.num_inference_steps,
@@ -261,6 +261,6 @@ def _quantile(values: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 3)
 
 
-def _healthy(experts: Any, k: int) -> bool:
+def _healthy(experts: Experts, k: int) -> bool:
     check = getattr(experts, "healthy", None)
     return True if check is None else bool(check(k))

@@ -130,7 +130,7 @@ def test_identical_experts_have_zero_disagreement_and_equal_errors():
     assert d["selected_mean"] == pytest.approx(0.0, abs=1e-5)
     images = torch.rand(6, 1, 4, 4) * 2 - 1
     _, errors = alignment.expert_errors(experts, images, None, [0.3, 0.8], seed=0)
-    for e in errors:
+    for e in errors:  # bitwise: every expert is the same code on the same batch
         assert torch.equal(e[0], e[1]) and torch.equal(e[1], e[2])
 
 

@@ -186,6 +186,7 @@ def test_no_labels_and_all_null_labels_are_the_same_call(preset):
     with torch.no_grad():
         a = e(x, t, None)
         b = e(x, t, torch.full((3,), NULL_LABEL))
+    # bitwise: both become the same label tensor, then the same model runs on the same bytes
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -224,7 +225,7 @@ def test_unconditional_unet_gets_no_labels_at_all():
         a = e(x, t, None)
         b = e(x, t, torch.tensor([4, 7]))  # ignored: the model has no classes
     assert spy.labels is None
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # bitwise: the very same call twice
 
 
 def test_unconditional_dit_always_uses_its_single_null_row():
@@ -236,7 +237,7 @@ def test_unconditional_dit_always_uses_its_single_null_row():
         assert spy.labels.tolist() == [1, 1]
         b = e(x, t, torch.tensor([0, 0]))  # labels of an unconditional expert are ignored
         assert spy.labels.tolist() == [1, 1]
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # bitwise: the very same call twice
 
 
 @pytest.mark.parametrize("preset", FAST)
@@ -262,6 +263,8 @@ def test_a_single_t_is_broadcast_over_the_batch(preset):
         each = e(x, torch.full((3,), 0.3))
     assert spy.calls[0][0].shape == (3,)
     torch.testing.assert_close(spy.calls[0][0], torch.full((3,), 0.3 * 1000.0))
+    # bitwise: t is expanded to (3,) before any arithmetic, so both calls run the same code on
+    # the same bytes from there on
     torch.testing.assert_close(one, each, rtol=0, atol=0)
 
 

@@ -38,6 +38,7 @@ def test_interpolate_endpoints_are_data_and_noise(shape):
     x0, noise, _ = _draw(shape, seed=1)
     at_data = flow.interpolate(x0, noise, torch.zeros(shape[0]))
     at_noise = flow.interpolate(x0, noise, torch.ones(shape[0]))
+    # bitwise: times 1, times 0 and plus 0 are exact in IEEE arithmetic, on any CPU
     torch.testing.assert_close(at_data.x_t, x0, rtol=0, atol=0)
     torch.testing.assert_close(at_noise.x_t, noise, rtol=0, atol=0)
 
@@ -46,6 +47,7 @@ def test_interpolate_endpoints_are_data_and_noise(shape):
 def test_velocity_is_noise_minus_data(shape):
     x0, noise, t = _draw(shape, seed=2)
     path = flow.interpolate(x0, noise, t)
+    # bitwise: the same single subtraction of the same bytes
     torch.testing.assert_close(path.velocity, noise - x0, rtol=0, atol=0)
     # and it is the time derivative of x_t: a finite difference along t agrees
     h = 1e-2
@@ -69,6 +71,7 @@ def test_denoised_is_x_t_minus_t_times_velocity():
     x_t = torch.full((2, 1, 2, 2), 3.0)
     v = torch.full((2, 1, 2, 2), 2.0)
     out = flow.denoised(x_t, torch.tensor([0.25, 0.5]), v)
+    # exact: every value and intermediate is a short binary fraction
     assert torch.all(out[0] == 3.0 - 0.25 * 2.0)
     assert torch.all(out[1] == 3.0 - 0.5 * 2.0)
 
@@ -83,7 +86,7 @@ def test_loss_is_the_mean_squared_velocity_error(shape):
     got = flow.loss(predicted, path)
     assert got.ndim == 0
     assert got.item() == pytest.approx(expected, rel=1e-5)
-    assert flow.loss(path.velocity, path).item() == 0.0
+    assert flow.loss(path.velocity, path).item() == 0.0  # x - x is exactly 0
 
 
 def test_loss_is_computed_in_float32_for_half_predictions():
@@ -156,6 +159,7 @@ def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_model(decay):
 def test_ema_update_with_decay_zero_copies_the_model():
     ema, model = _pair(1)
     flow.ema_update(ema, model, 0.0)
+    # bitwise: lerp with weight 1 computes end - (end - start) * 0, exactly end
     for (name, e), p in zip(ema.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(e, p), name
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from cluster_jobs.analysis.sampling import run_sample
 from ddm_nodes.pixels import from_npy
-from router_service import engine
+from router_service import planning
 from router_service.http_api import UNAVAILABLE_RETRY_AFTER_S, make_api
 from router_service.local_experts import LocalExperts
 from router_service.policies import MIN_WEIGHT
@@ -110,6 +110,7 @@ def test_npy_format_is_the_images_in_model_range_and_the_same_seed_repeats_them(
     a = _npy(_post(client, body))
     assert a.shape == (4, 1, SIZE, SIZE) and a.dtype == torch.float32
     assert torch.isfinite(a).all() and a.min() >= -1 and a.max() <= 1
+    # bitwise: one service in this process, one request at a time: the same code, same bytes
     assert torch.equal(_npy(_post(client, body)), a)
     assert not torch.equal(_npy(_post(client, {**body, "seed": 8})), a)
 
@@ -147,7 +148,7 @@ def test_usage_counts_expert_calls_and_experts_per_step(client, experts, strateg
         assert 1.0 <= per_step <= K
         if per_step == K:
             assert usage["expert_calls"] == {f"expert-00{k}": steps for k in range(K)}
-    assert usage["experts_per_step"] == pytest.approx(per_step, abs=1e-4)
+    assert usage["experts_per_step"] == pytest.approx(per_step, abs=1e-4)  # usage: 4 decimals
 
 
 def test_an_omitted_seed_is_chosen_returned_and_reproduces_the_images(client):
@@ -156,7 +157,7 @@ def test_an_omitted_seed_is_chosen_returned_and_reproduces_the_images(client):
     assert isinstance(seed, int) and seed >= 0
     again = _post(client, {"n": 2, "steps": 2, "format": "npy", "seed": seed})
     assert again.json()["seed"] == seed
-    assert torch.equal(_npy(again), _npy(first))
+    assert torch.equal(_npy(again), _npy(first))  # bitwise: as above, the same run again
 
 
 @pytest.mark.parametrize(
@@ -173,6 +174,9 @@ def test_served_images_equal_the_in_process_sampler(client, experts, strategy, e
     body = {"n": n, "steps": steps, "seed": seed, "strategy": strategy, "format": "npy", **extra}
     served = _npy(_post(client, body))
     local = run_sample(experts, strategy, n, steps, seed=seed, **extra)
+    # Here both run planning.run on these LocalExperts in this process, and agree bitwise; the
+    # tolerance (~8 float32 ulps of images in [-1, 1]) states the contract, served equals
+    # in-process up to rounding, so the service may batch work another way (as Serve does)
     torch.testing.assert_close(served, local.images, atol=1e-6, rtol=0)
 
 
@@ -287,6 +291,7 @@ def test_images_route_samples_the_matched_class(client):
         client, {"prompt": "3", "num_inference_steps": 2, "seed": 4}, "/v1/images/generations"
     )
     samples = _post(client, {"n": 1, "steps": 2, "seed": 4, "label": 3})
+    # the same PNG bytes: both routes plan the same run, sampled in this process
     assert images.json()["data"][0]["b64_json"] == samples.json()["images"][0]
 
 
@@ -321,16 +326,16 @@ def test_images_route_refuses_what_it_cannot_serve(client, extra, param, words):
     ],
 )
 def test_match_prompt_on_fashion_mnist_names(prompt, expected):
-    assert engine.match_prompt(FASHION, prompt) == expected
+    assert planning.match_prompt(FASHION, prompt) == expected
 
 
 def test_match_prompt_refuses_an_unknown_prompt_listing_the_names():
     with pytest.raises(RequestError) as e:
-        engine.match_prompt(FASHION, "giraffe")
+        planning.match_prompt(FASHION, "giraffe")
     assert e.value.field == "prompt" and e.value.status == 422
     assert "giraffe" in str(e.value) and ", ".join(FASHION) in str(e.value)
     with pytest.raises(RequestError, match="no class names"):
-        engine.match_prompt(None, "sneaker")
+        planning.match_prompt(None, "sneaker")
 
 
 # --- GET /v1/experts -----------------------------------------------------------------------
@@ -427,6 +432,7 @@ def test_past_the_queue_requests_get_503_with_retry_after_and_the_others_finish(
     assert third.headers["Retry-After"] == "2" and third.json()["error"]["type"] == "overloaded"
     for reply in (first, second):  # zero velocity: the images are the clipped initial noise
         noise = initial_noise(1, (1, SIZE, SIZE), reply.json()["seed"])
+        # bitwise: the same seeded noise, every step adds exactly 0, the same clamp
         assert torch.equal(_npy(reply), noise.clamp(-1, 1))
     assert second.json()["timing"]["queued_s"] > 0
     assert admission.active == 0 and admission.waiting == 0
@@ -479,6 +485,9 @@ def test_renormalize_leaves_the_unavailable_expert_out_and_says_so(client, exper
         initial_noise(n, experts.image_shape, seed),
         time_grid(steps),
     )
+    # another code path to the same weights (renormalised after the failure vs a zero
+    # probability from the start): float32 rounding differs, and 3 steps carry that to
+    # images in [-1, 1] well within 1e-5
     torch.testing.assert_close(images, expected.images, atol=1e-5, rtol=0)
 
 
@@ -554,6 +563,8 @@ def test_expert_replica_batches_concurrent_sub_batches_at_different_steps(
     assert batched == [5]  # one forward for both requests
     for (x, t), v in zip(subs, outs, strict=True):
         expected = experts.predict(1, x, t.float(), None)
+        # another batch (5 samples stacked vs 2 or 3): another GEMM shape, so float32 rounding
+        # differs; measured ~1e-6 on velocities of O(1)
         torch.testing.assert_close(torch.from_numpy(v), expected, atol=1e-5, rtol=1e-5)
     assert sorted(split_up) == [1, 2, 2]  # limit 2: the 3-sample sub-batch went in pieces
     assert [len(v) for v in pieces] == [2, 3]

@@ -95,7 +95,7 @@ def test_threshold_above_every_probability_falls_back_to_top_1_with_weight_1():
     probs = torch.tensor([[0.3, 0.3, 0.4, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
     decision = _select("threshold-0.5", probs=probs)
     assert decision.ids.tolist() == [[2], [0]]  # a five-way tie goes to the lowest id
-    assert decision.weights.tolist() == [[1.0], [1.0]]
+    assert decision.weights.tolist() == [[1.0], [1.0]]  # p / p: exactly 1
 
 
 def test_threshold_at_exactly_tau_is_kept():

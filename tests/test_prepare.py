@@ -108,6 +108,8 @@ def test_each_cluster_reads_back_exactly_its_images(prepared_digits, digits_set,
                 assert s["cluster"] == c
                 assert s["label"] == digits_set.labels[i]
                 assert s["image"].dtype == torch.float32
+                # bitwise: uint8 / 127.5 - 1 in float32 is two correctly rounded operations,
+                # the same bits from numpy here and torch in the reader, on any CPU
                 np.testing.assert_array_equal(
                     s["image"].numpy(), _expected_pixels(digits_set.images[i])
                 )
@@ -121,6 +123,9 @@ def test_feature_space_in_store_is_the_clustering(prepared_digits, expected):
     cfg, manifest = prepared_digits
     space = FeatureSpace.load(LocalStore(cfg.store), manifest)
     assert space.num_clusters == cfg.clusters
+    # bitwise: prepare ran this same cluster_images on the same pixels in this process, and
+    # the store holds its tensors' bytes (inertia, the one float sum OpenMP may reorder, is
+    # rounded to 6 digits where it is made)
     assert torch.equal(space.centroids, expected.space.centroids)
     assert torch.equal(space.extractor.components, expected.space.extractor.components)
     assert torch.equal(space.extractor.mean, expected.space.extractor.mean)

@@ -53,6 +53,7 @@ def test_prepare_into_s3_and_read_back_by_cluster(ddm, s3_env, bucket, mnist5k_s
                 i = int(s["key"])
                 assert s["cluster"] == c
                 assert s["label"] == mnist5k_set.labels[i]
+                # bitwise: uint8 / 127.5 - 1 in float32, two correctly rounded operations
                 np.testing.assert_array_equal(s["image"].numpy(), images[i].transpose(2, 0, 1))
                 keys.append(i)
         assert len(keys) == manifest.train[c].count + manifest.heldout[c].count

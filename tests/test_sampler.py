@@ -302,7 +302,7 @@ def test_each_evaluation_calls_each_selected_expert_once_with_its_own_samples(
     for n in range(N_DISPATCH):
         v = sum(w * (10 * (k + 1) + n) for k, w in choice[n].items())
         torch.testing.assert_close(result.final[n, 1], x_T[n, 1] - v, rtol=0, atol=1e-5)
-        assert torch.equal(result.final[n, 0], x_T[n, 0])
+        assert torch.equal(result.final[n, 0], x_T[n, 0])  # bitwise: every step adds exactly 0
     mean_selected = sum(len(r) for r in choice) / N_DISPATCH
     assert result.experts_per_step == pytest.approx(mean_selected)
 
@@ -314,6 +314,7 @@ def test_an_async_backend_runs_concurrently_and_gives_the_same_result_as_a_sync_
     async_experts = AsyncIdentityExperts(async_router)
     a = sample(sync_experts, sync_router, "top-2", x_T, time_grid(4), "heun")
     b = asyncio.run(sample_async(async_experts, async_router, "top-2", x_T, time_grid(4), "heun"))
+    # bitwise: `sample` runs `sample_async`, so the same code on the same bytes
     assert torch.equal(a.final, b.final)
     assert sync_experts.log == async_experts.log
     assert async_experts.max_in_flight == 3  # all three selected experts' calls overlapped
@@ -442,6 +443,8 @@ def test_nearest_centroid_embeds_the_denoised_estimate_after_a_uniform_first_ste
     assert len(features.seen) == len(trace) - 1
     for prev, step, seen in zip(trace[:-1], trace[1:], features.seen, strict=True):
         t = torch.full((6,), step.t)
+        # bitwise: t rounded to float32 (as a Python float or a tensor), then one multiply
+        # and one subtraction per element, each correctly rounded on any CPU
         torch.testing.assert_close(seen, step.x_t - step.t * prev.velocity, rtol=0, atol=0)
         torch.testing.assert_close(seen, flow.denoised(step.x_t, t, prev.velocity))
         for n, d in enumerate(step.distances.tolist()):
@@ -472,6 +475,7 @@ def test_trace_records_every_evaluation():
         assert s.decision.ids.shape == (N_DISPATCH, 2) and s.predictions is None
         assert s.velocity.shape == x_T.shape
     untraced = sample(IdentityExperts(router), router, "top-2", x_T, time_grid(4), "heun")
+    # bitwise: tracing only records, the same arithmetic runs on the same bytes
     assert torch.equal(untraced.final, result.final) and untraced.trace is None
 
 
@@ -489,6 +493,8 @@ def test_trace_all_experts_calls_every_expert_once_per_evaluation():
             expected = 10 * (k + 1) + torch.arange(float(N_DISPATCH))
             assert torch.equal(s.predictions[k, :, 1, 0, 0], expected)
     plain = sample(IdentityExperts(router), router, "top-1", x_T, time_grid(3))
+    # bitwise although the experts saw other batches: IdentityExperts' velocities are small
+    # integers, exact in any batch, and both runs merge them with the same arithmetic
     torch.testing.assert_close(result.final, plain.final, rtol=0, atol=0)
 
 
@@ -571,7 +577,7 @@ def test_local_experts_predict_and_sample(trained_store):
     runs = [sample(local, local.router, "top-1", x_T, time_grid(3), "heun") for _ in range(2)]
     assert runs[0].images.shape == (4, 1, 16, 16) and torch.isfinite(runs[0].final).all()
     assert float(runs[0].images.abs().max()) <= 1.0
-    assert torch.equal(runs[0].final, runs[1].final)  # deterministic
+    assert torch.equal(runs[0].final, runs[1].final)  # one process, same code, same bytes
     assert sum(local.calls) == 1 + sum(runs[0].expert_calls) + sum(runs[1].expert_calls)
     assert runs[0].experts_per_step == 1.0
 

@@ -310,6 +310,8 @@ def test_renormalize_equals_a_router_that_never_picks_the_missing_expert(policy,
         assert backend.asked.count(missing) == 1 and degraded.missing_experts == [missing]
     else:  # never selected: nothing was missing
         assert degraded.missing_experts == []
+    # the same weights by another code path (renormalised over the available experts vs a
+    # zero probability from the start): float32 rounding differs by a few ulps of O(1) values
     torch.testing.assert_close(degraded.final, reference.final, atol=1e-6, rtol=1e-6)
 
 

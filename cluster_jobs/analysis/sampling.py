@@ -17,8 +17,8 @@ import torch
 
 from ddm_nodes.errors import DDMError
 from ddm_nodes.pixels import from_npy
-from router_service.engine import plan, run
 from router_service.local_experts import LocalExperts
+from router_service.planning import plan, run
 from router_service.schemas import Limits, RequestError, SampleRequest, SampleResponse, parse
 
 CLI_LIMITS = Limits(max_n=4096, max_steps=1000)

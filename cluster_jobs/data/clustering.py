@@ -44,8 +44,8 @@ def cluster_images(
     if not 2 <= k <= n:
         raise DDMError(f"--clusters {k} is out of range: use 2 <= K <= {n} (the number of images)")
     x = to_model_range(images)  # (N, C, H, W)
-    # Multi-threaded BLAS beside torch's idle OpenMP pool oversubscribes the cores: measured
-    # here (2 cores), one BLAS thread made PCA + k-means 3x faster on 70k images and 25x on 5k.
+    # Multi-threaded BLAS beside torch's idle OpenMP pool oversubscribes the cores
+    # (docs/decisions.md).
     with threadpool_limits(1, user_api="blas"):
         extractor = get_extractor(method).fit(x, dims, seed)
         chunks = [extractor.embed(x[i : i + EMBED_CHUNK]) for i in range(0, n, EMBED_CHUNK)]

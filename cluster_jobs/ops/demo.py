@@ -19,6 +19,7 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,10 +39,8 @@ class DemoConfig(BaseModel):
     dataset: str = Field("fashion-mnist", description="data set to prepare")
     clusters: int = Field(4, ge=2, le=16, description="K: clusters, one expert each")
     preset: str = Field(DEFAULT_EXPERT_PRESET, description="the experts' preset")
-    # Few steps at a high rate with a short warm-up. bench/schedules.py (one expert of the
-    # demo's store, one thread): 50 steps at 2e-3 (warm-up 10) reach a held-out loss of
-    # 0.250 in 72 s, where 100 steps at the default 3e-4, all of them warm-up, reached
-    # 0.284 in 154 s.
+    # Few steps at a high rate with a short warm-up: the job defaults are made for long
+    # runs (bench/schedules.py measures the choice through Ray jobs; docs/results/).
     expert_steps: int = Field(50, ge=1, description="optimizer steps per expert")
     expert_lr: float = Field(2e-3, gt=0, le=1, description="the experts' learning rate")
     warmup_steps: int = Field(10, ge=0, description="every demo job's learning-rate warm-up")
@@ -51,6 +50,23 @@ class DemoConfig(BaseModel):
     sample_steps: int = Field(20, ge=1, le=200, description="Euler steps per request")
     image_size: int | None = Field(None, ge=4, description="resize images (smaller: faster)")
     keep: bool = Field(False, description="leave everything running until Ctrl-C")
+
+    def expert_options(self) -> dict[str, Any]:
+        """The TrainConfig fields of every demo expert job."""
+        return dict(self._job(self.expert_steps), preset=self.preset, lr=self.expert_lr)
+
+    def classifier_options(self) -> dict[str, Any]:
+        """The TrainConfig fields of the demo's router and featnet jobs."""
+        return self._job(self.router_steps)
+
+    def _job(self, steps: int) -> dict[str, Any]:
+        """A short job: one checkpoint, at its end."""
+        return dict(
+            steps=steps,
+            checkpoint_every=steps,
+            batch_size=self.batch_size,
+            warmup_steps=self.warmup_steps,
+        )
 
 
 class _Progress:
@@ -129,13 +145,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
             f"training {cfg.clusters} experts ({cfg.preset}, {cfg.expert_steps} steps), the "
             f"router and the feature network ({cfg.router_steps} steps) as Ray jobs"
         )
-        # checkpoint_every = steps: one checkpoint, at the end
-        common = dict(batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps)
-        expert = dict(preset=cfg.preset, lr=cfg.expert_lr, **common)
-        expert |= dict(steps=cfg.expert_steps, checkpoint_every=cfg.expert_steps)
-        classifier = dict(steps=cfg.router_steps, checkpoint_every=cfg.router_steps, **common)
-        configs = jobs.plan(store, "all", expert)
-        configs += jobs.plan(store, "none", classifier, router=True, featnet=True)
+        configs = jobs.plan(store, "all", cfg.expert_options())
+        configs += jobs.plan(store, "none", cfg.classifier_options(), router=True, featnet=True)
         _run_jobs(jobs, head.dashboard_url, configs, progress)
 
         # The analysis runs while Serve starts and answers: Serve's start-up mostly waits
@@ -205,10 +216,8 @@ def _stopping(progress: _Progress, what: str, stop) -> None:
 
 
 def _run_jobs(jobs, address: str, configs: list, progress: _Progress) -> None:
-    """In waves of one job per CPU. On 2 cores, every pending job's driver and Ray Train
-    controller still take CPU while they wait, which halved the running ones' speed; and
-    all 6 jobs at once on a third of a CPU each took 556 s against 498 s in waves (more
-    processes contending, each wave's start-up overlapped but no CPU left to overlap it)."""
+    """In waves of one job per CPU: a pending job's driver and Ray Train controller take
+    CPU while they wait, so more jobs at once only contend (docs/decisions.md)."""
     wave = max(1, os.cpu_count() or 1)
     for i in range(0, len(configs), wave):
         _wait_jobs(jobs, address, jobs.submit(address, configs[i : i + wave]), progress)

@@ -131,9 +131,8 @@ def up(
         env.pop(key)  # `ray start --head` must not try to join another cluster
     # Job entrypoints say `python`: make it this environment's interpreter, with ddm in it.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    # On SIGTERM Ray 2.60 drains the node for up to 30 s so Serve can move replicas to
-    # other nodes; a one-node local head has none to move them to, and `down` waited out
-    # the whole 30 s every time.
+    # On SIGTERM Ray drains the node so Serve can move replicas to other nodes; a one-node
+    # head has none, so the drain would only delay `down` (docs/decisions.md).
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     log_path = folder / "head.log"
     with open(log_path, "wb") as log:

@@ -24,7 +24,7 @@ def alive(pid: int) -> bool:
     return True
 
 
-def stop(pid: int, grace_s: float = 15.0, group: bool = False) -> None:
+def stop(pid: int, grace_s: float = 15.0, *, group: bool = False) -> None:
     """SIGTERM `pid`, then after `grace_s` SIGKILL it, or with `group` whatever is left of
     its process group (a process started with start_new_session leads its own group)."""
     try:

@@ -24,12 +24,12 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from cluster_jobs import INFRA
 from cluster_jobs.ops import processes
 from cluster_jobs.ops.local_cluster import load_info
 from ddm_nodes.errors import DDMError
 
 DEFAULT_DIR = Path("~/.ddm/stack")
-INFRA = Path(__file__).resolve().parents[1] / "infra"
 PROMETHEUS_CONFIG = INFRA / "prometheus" / "prometheus.yml"
 ALERTS = INFRA / "prometheus" / "alerts.yml"
 DASHBOARDS = INFRA / "grafana" / "dashboards"

@@ -77,6 +77,7 @@ def save_training_checkpoint(
     optimizer,
     state: TrainState,
     loss: float | None,
+    *,
     final: bool,
 ) -> str:
     """Rank 0 only. Returns the prefix written."""

@@ -19,7 +19,7 @@ import typer
 
 from cluster_jobs.options import ModelOptions
 from cluster_jobs.training.config import TrainConfig, fields_for, preset_names
-from cluster_jobs.user_errors import UsageGroup
+from cluster_jobs.user_errors import command_line
 
 MODULE = "cluster_jobs.training"
 DOCS = {
@@ -58,15 +58,14 @@ def command(kind: str):
 COMMANDS = {kind: command(kind) for kind in DOCS}
 
 
+def app() -> typer.Typer:
+    """`ddm train` and `python -m cluster_jobs.training`: one sub-command per kind."""
+    kinds = command_line("Train an expert, the monolith, the router or the featnet as a Ray job.")
+    for kind, train in COMMANDS.items():
+        kinds.command(kind, help=train.__doc__)(train)
+    return kinds
+
+
 def main() -> None:
     """`python -m cluster_jobs.training KIND [OPTIONS]`."""
-    app = typer.Typer(
-        cls=UsageGroup,
-        no_args_is_help=True,
-        add_completion=False,
-        pretty_exceptions_enable=False,
-        help="Train one model as a Ray Train job (what `ddm submit` submits).",
-    )
-    for kind, train in COMMANDS.items():
-        app.command(kind, help=train.__doc__)(train)
-    app()
+    app()()

@@ -120,7 +120,7 @@ class FeatnetTask(RouterTask):
 
 
 def validate(cfg: TrainConfig) -> tuple[Store, DatasetManifest]:
-    """Everything that can be checked before a worker group starts (~17 s saved per error)."""
+    """Everything that can be checked before a worker group starts (which takes ~17 s)."""
     store = open_store(cfg.store)
     manifest = DatasetManifest.load(store)
     task = make_task(cfg, manifest)

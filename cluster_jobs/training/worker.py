@@ -204,7 +204,7 @@ class Worker:
         self.state.step += 1
         return loss.item()
 
-    def checkpoint(self, final: bool, throughput: float | None = None) -> dict[str, Any]:
+    def checkpoint(self, *, final: bool, throughput: float | None = None) -> dict[str, Any]:
         """Rank 0 writes; every rank reports (Ray Train expects all of them to)."""
         state = self.state
         loss = sum(self.window) / len(self.window) if self.window else None
@@ -227,7 +227,7 @@ class Worker:
             self.optimizer,
             state,
             loss,
-            final,
+            final=final,
         )
         metrics["prefix"] = prefix
         self.reporter.report(metrics, {"prefix": prefix, "step": state.step})

@@ -1,10 +1,11 @@
-"""One sampling request, the same way everywhere: `ddm sample` in-process and the Serve
-router both turn a `SampleRequest` into the sampler's arguments here, so the same seed,
-strategy, steps and weights give the same images whichever backend answers `predict`.
+"""Planning a sampling request: `plan` checks a `SampleRequest` against the limits and the
+models and fixes what it left open (strategy, seed, label id) in a `Plan`; `run` samples
+that plan through the one sampler. `ddm sample` in-process and the Serve router both plan
+here, so the same seed, strategy, steps and weights give the same images whichever backend
+answers `predict`.
 
-`models` is anything with the store's `manifest`, `router` (logits function or None),
-`features`, `image_shape` (C, H, W) and `conditional`: `LocalExperts` in-process, the
-router deployment's loaded assets behind Serve.
+`models` is a `Models` (sampler.py): `LocalExperts` in-process, the router deployment's
+`StoreModels` behind Serve.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -21,6 +21,7 @@ from router_service.policies import Policy, RoutingError, get_policy
 from router_service.sampler import (
     EvaluationStats,
     Experts,
+    Models,
     SampleResult,
     initial_noise,
     sample_async,
@@ -96,7 +97,7 @@ DEFAULT_STRATEGY = "top-2"
 
 def plan(
     request: SampleRequest,
-    models: Any,
+    models: Models,
     num_experts: int,
     limits: Limits,
     default_strategy: str = DEFAULT_STRATEGY,
@@ -131,7 +132,7 @@ def plan(
 async def run(
     p: Plan,
     experts: Experts,
-    models: Any,
+    models: Models,
     on_evaluation: Callable[[EvaluationStats], None] | None = None,
 ) -> SampleResult:
     """Sample a planned request with `experts` as the backend."""
