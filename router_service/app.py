@@ -31,10 +31,9 @@ def build_app(args: dict | AppArgs) -> Application:
     store = open_store(cfg.store)
     manifest = DatasetManifest.load(store)
     check_experts_present(store, manifest)
+    args_json = cfg.model_dump_json()  # every replica parses the whole AppArgs
     experts = [
-        ExpertServer.options(**cfg.expert_options(k)).bind(
-            cfg.store, k, cfg.device, cfg.torch_threads
-        )
+        ExpertServer.options(**cfg.expert_options(k)).bind(args_json, k)
         for k in range(manifest.num_clusters)
     ]
-    return RouterServer.options(**cfg.router_options()).bind(cfg.model_dump(), experts)
+    return RouterServer.options(**cfg.router_options()).bind(args_json, experts)

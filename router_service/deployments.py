@@ -30,11 +30,12 @@ _initial = BatchConfig()
 class ExpertServer:
     """Expert k, loaded hash-verified from the store, answering batched predict calls."""
 
-    def __init__(self, store: str, expert_id: int, device: str, torch_threads: int):
-        torch.set_num_threads(torch_threads)
-        s = open_store(store)
+    def __init__(self, args: str, expert_id: int):
+        cfg = AppArgs.model_validate_json(args)
+        torch.set_num_threads(cfg.torch_threads)
+        s = open_store(cfg.store)
         self.k = expert_id
-        self.device = torch.device(device)
+        self.device = torch.device(cfg.device)
         self.expert = load_expert(s, DatasetManifest.load(s), expert_id, self.device)
         self.metrics = ExpertMetrics()
         self.max_batch = _initial.max_batch
@@ -93,8 +94,8 @@ api = make_api(current_service)
 class RouterServer:
     """The HTTP ingress: routes every step and fans out to the expert deployments."""
 
-    def __init__(self, args: dict, experts: list):
-        cfg = AppArgs.model_validate(args)
+    def __init__(self, args: str, experts: list):
+        cfg = AppArgs.model_validate_json(args)
         torch.set_num_threads(cfg.torch_threads)
         metrics = RouterMetrics()
         remote = RemoteExperts(

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ from PIL import Image
 from cluster_jobs.analysis.sampling import run_sample
 from ddm_nodes.pixels import from_npy
 from router_service import planning
+from router_service.app_config import AppArgs
 from router_service.http_api import UNAVAILABLE_RETRY_AFTER_S, make_api
 from router_service.local_experts import LocalExperts
 from router_service.policies import MIN_WEIGHT
@@ -518,6 +520,44 @@ def test_readiness_and_expert_health_follow_the_backend(experts):
 # --- the expert deployment's class, driven without Serve ----------------------------------
 
 
+class _Recorder:
+    """Stands in for a Serve deployment: records the options and arguments it is bound with."""
+
+    def __init__(self):
+        self.bound: list[tuple[dict, tuple]] = []
+
+    def options(self, **options):
+        return SimpleNamespace(bind=lambda *args: self.bound.append((options, args)) or args)
+
+
+def test_the_app_arguments_reach_every_replica_whole(store, monkeypatch):
+    """build_app hands every deployment the whole AppArgs as its JSON (no hand-picked
+    fields): what each replica parses equals what `ddm serve` was given."""
+    import router_service.app as app_module
+
+    experts, router = _Recorder(), _Recorder()
+    monkeypatch.setattr(app_module, "ExpertServer", experts)
+    monkeypatch.setattr(app_module, "RouterServer", router)
+    given = AppArgs(
+        store=str(Path(store).resolve()),
+        replicas=2,
+        device="cpu",
+        torch_threads=3,
+        default_strategy="full",
+        expert_timeout_s=7,
+        expert_replicas={1: 3},
+        limits={"max_n": 5},
+    )
+    app_module.build_app(given)
+    assert [args[1] for _, args in experts.bound] == list(range(K))
+    for options, (args_json, k) in experts.bound:
+        assert AppArgs.model_validate_json(args_json) == given
+        assert options == given.expert_options(k)
+    ((options, (args_json, handles)),) = router.bound
+    assert AppArgs.model_validate_json(args_json) == given
+    assert options == given.router_options() and len(handles) == K
+
+
 def test_expert_replica_batches_concurrent_sub_batches_at_different_steps(
     store, experts, monkeypatch
 ):
@@ -535,7 +575,7 @@ def test_expert_replica_batches_concurrent_sub_batches_at_different_steps(
         lambda self: None,
     )
 
-    replica = ExpertServer.func_or_class(str(store), 1, "cpu", 1)
+    replica = ExpertServer.func_or_class(AppArgs(store=str(store)).model_dump_json(), 1)
     forwards: list[int] = []
     model = replica.expert
 
