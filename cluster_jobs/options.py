@@ -20,6 +20,7 @@ import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from cluster_jobs.user_errors import user_errors
 from ddm_nodes.errors import DDMError
 
 
@@ -51,11 +52,7 @@ def field_option(name: str, info: FieldInfo, *, choices: Iterable[str] | None = 
 def _option_type(annotation: Any) -> Any:
     """int | None -> int; list[int] -> str (comma-separated); Literal stays a Literal."""
     annotation = _unwrap(annotation)
-    if typing.get_origin(annotation) is list:
-        return str
-    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
-        return str  # a nested model: its JSON
-    return annotation
+    return str if typing.get_origin(annotation) is list else annotation
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -132,7 +129,6 @@ class ModelOptions:
     ) -> Callable[..., Any]:
         """A typer command `name`: an option per field plus `--config`; `run` receives the
         model built from them. Problems the user can fix exit 2 with one line."""
-        from cluster_jobs.user_errors import user_errors
 
         def command(**options: Any) -> Any:
             return run(self.build(options.pop("config"), options, **fixed))
