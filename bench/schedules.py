@@ -52,6 +52,7 @@ def main() -> None:
     manifest = DatasetManifest.load(store)
     ports = [local_cluster.free_port() for _ in range(3)]
     head = local_cluster.up(os.cpu_count() or 2, *ports)
+    local_cluster.use_local_cluster_auth()  # its token, for the job API
     torch.set_num_threads(1)
     rows = []
     try:

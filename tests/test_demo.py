@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from cluster_jobs.ops import stack
+from cluster_jobs.ops.demo import DemoConfig
 
 DEMO_TIMEOUT_S = 900
 
@@ -38,7 +39,8 @@ def demo(tmp_path_factory):
     args = [
         str(exe), "demo", "--out", str(out), "--dataset", "digits", "--clusters", "2",
         "--preset", "dit-tiny", "--image-size", "8", "--expert-steps", "300",
-        "--router-steps", "300", "--n", "4", "--sample-steps", "4", "--keep",
+        "--router-steps", "300", "--warmup-steps", "7", "--n", "4", "--sample-steps", "4",
+        "--keep",
     ]  # fmt: skip
     log = open(out / "demo.log", "w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -69,6 +71,16 @@ def test_demo_writes_samples_and_a_report(demo):
     assert "| strategy | FID" in report
     results = json.loads((out / "analysis" / "results.json").read_text())
     assert set(results["strategies"]) == {"full", "top-1", "top-2"}
+    # what the demo's jobs ran with (training.json) is what the demo asked for
+    demo = DemoConfig(preset="dit-tiny", expert_steps=300, router_steps=300, warmup_steps=7)
+    for prefix, asked in (
+        ("experts/expert-000", demo.expert_options()),
+        ("experts/expert-001", demo.expert_options()),
+        ("router", demo.classifier_options()),
+        ("featnet", demo.classifier_options()),
+    ):
+        ran = json.loads((out / "store" / prefix / "training.json").read_text())["config"]
+        assert {k: ran[k] for k in asked} == asked, (prefix, ran)
     log = (out / "demo.log").read_text()
     for step in range(1, 8):
         assert f"[{step}/7]" in log  # progress is shown

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from router_service.sampler import SampleResult, sample, time_grid
+from router_service.sampler import Experts, Models, SampleResult, sample, time_grid
 
 
 def _norms(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def summary(values: torch.Tensor) -> dict[str, float]:
     }
 
 
-def run(experts: Any, models: Any, policy: str, x_T: torch.Tensor, steps: int, **kw):
+def run(experts: Experts, models: Models, policy: str, x_T: torch.Tensor, steps: int, **kw):
     """`sample` on an Euler grid of `steps` with the models' router and feature space."""
     return sample(
         experts,
@@ -68,7 +68,13 @@ def _selections(result: SampleResult) -> list[list[frozenset[int]]]:
 
 
 def trajectory_sensitivity(
-    experts: Any, models: Any, policy: str, x_T: torch.Tensor, steps: int, eps: float, seed: int
+    experts: Experts,
+    models: Models,
+    policy: str,
+    x_T: torch.Tensor,
+    steps: int,
+    eps: float,
+    seed: int,
 ) -> dict[str, torch.Tensor]:
     """Per trajectory: amplification, l_eff, flipped (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed + 7919)
@@ -92,7 +98,7 @@ def trajectory_sensitivity(
 
 
 def delta_refine(
-    experts: Any, models: Any, policy: str, x_T: torch.Tensor, steps: int
+    experts: Experts, models: Models, policy: str, x_T: torch.Tensor, steps: int
 ) -> torch.Tensor:
     """Per trajectory: ||x_0^N - x_0^{2N}|| / ||x_0^{2N}||."""
     coarse = run(experts, models, policy, x_T, steps).final

@@ -3,7 +3,7 @@
 Inside each rank Hugging Face Accelerate owns the device, mixed precision and the DDP wrapping
 (`accelerator.prepare`, not Ray's prepare_model). An expert's workers form a process group
 of their own: no expert ever joins another's, and an expert reads only its own cluster
-(train_tasks.training_clusters).
+(tasks.training_clusters).
 
 The worker itself (`Worker`) knows Ray only through a small `Reporter`, so the same loop
 runs under Ray Train (`RayReporter`) or in a plain process (`LocalReporter`: tests,
