@@ -13,6 +13,7 @@ from ddm_nodes.errors import DDMError
 
 DEFAULT_EXPERT_PRESET = "unet-tiny"
 DEFAULT_ROUTER_PRESET = "router-tiny"
+DEFAULT_EXPERT_LR = 3e-4  # long runs; the demo's short ones pass their own
 DEFAULT_ROUTER_LR = 1e-3  # the router and the featnet: small classifiers learn fast
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ddm_nodes.names import Kind, expert_name, model_prefix
 from ddm_nodes.presets import (
+    DEFAULT_EXPERT_LR,
     DEFAULT_EXPERT_PRESET,
     DEFAULT_ROUTER_LR,
     DEFAULT_ROUTER_PRESET,
@@ -34,7 +35,6 @@ from ddm_nodes.presets import (
 FLOW_KINDS = ("expert", "monolith")  # flow matching: denoisers of the expert presets
 CLASSIFIER_KINDS = ("router", "featnet")  # classifiers of the router presets
 SCHEDULING = {"scheduling": True}
-DEFAULT_EXPERT_LR = 3e-4
 
 
 def _kinds(*kinds: str) -> dict[str, Any]:
