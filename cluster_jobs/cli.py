@@ -45,13 +45,40 @@ def command(on: typer.Typer, name: str | None = None, **settings: Any) -> Callab
 def prepare(
     store: Annotated[str, typer.Option(help="store URI: PATH, file:///PATH or s3://BUCKET/PREFIX")],
     dataset: Annotated[
-        str, typer.Option(help="fashion-mnist | mnist-5k | digits | folder:PATH | wds:URL_PATTERN")
+        str,
+        typer.Option(
+            help="fashion-mnist | mnist-5k | digits | shapes | folder:PATH | wds:URL_PATTERN"
+        ),
     ] = "fashion-mnist",
+    count: Annotated[
+        int | None,
+        typer.Option(help="images: shapes generates N (default 4000); others: a seeded subset"),
+    ] = None,
     clusters: Annotated[int, typer.Option(help="K: data clusters, one expert each")] = 8,
     features: Annotated[
-        str, typer.Option(help="feature space for clustering: pca | pixels")
+        str,
+        typer.Option(
+            help="feature space for clustering: pca | pixels | dinov2:REF | clip:REF (REF: a "
+            "save_pretrained folder or a hub id)"
+        ),
     ] = "pca",
     feature_dims: Annotated[int, typer.Option(help="PCA dimensions")] = 64,
+    metric: Annotated[
+        Literal["euclidean", "cosine"] | None,
+        typer.Option(
+            help="k-means metric; cosine: L2-normalised features, spherical k-means "
+            "(default: cosine for dinov2/clip, else euclidean)"
+        ),
+    ] = None,
+    latents: Annotated[
+        str | None,
+        typer.Option(
+            help="vae:REF: store the VAE latents the models train on (REF: a folder, a hub id, "
+            "or 'store' for `ddm train vae`'s)"
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="where feature extractors and the VAE run")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="images per feature / VAE batch")] = 64,
     shard_size: Annotated[int, typer.Option(help="samples per WebDataset shard")] = 2000,
     seed: Annotated[int, typer.Option(help="seeds PCA, k-means and the held-out split")] = 0,
     heldout: Annotated[float, typer.Option(help="held-out fraction, stratified by cluster")] = 0.1,
@@ -65,10 +92,15 @@ def prepare(
 
     cfg = PrepareConfig(
         dataset=dataset,
+        count=count,
         clusters=clusters,
         store=store,
         features=features,
         feature_dims=feature_dims,
+        metric=metric,
+        latents=latents,
+        device=device,
+        batch_size=batch_size,
         shard_size=shard_size,
         seed=seed,
         heldout_fraction=heldout,
@@ -88,7 +120,10 @@ def prepare(
         "heldout_counts": [c.count for c in m.heldout],
         "largest_smallest_ratio": round(m.stats.largest_smallest_ratio, 3),
         "silhouette": None if m.stats.silhouette is None else round(m.stats.silhouette, 4),
-        "features": m.features.model_dump(exclude={"sha256"}),
+        "features": m.features.model_dump(exclude={"sha256", "model"}),
+        "latents": None
+        if m.latents is None
+        else {"vae": m.latents.vae.ref, "shape": list(m.latents.shape)},
         "shards": sum(len(c.shards) for c in m.train + m.heldout),
         "seconds": result.seconds,
     }
@@ -476,7 +511,8 @@ def _print_cluster_table(summary: dict[str, Any]) -> None:
         f"largest/smallest {summary['largest_smallest_ratio']:.2f}  "
         f"silhouette {'n/a' if sil is None else f'{sil:.3f}'}  "
         f"features {summary['features']['method']}-{summary['features']['dims']}  "
-        f"shards {summary['shards']}  in {summary['seconds']['total']:.1f} s\n"
+        + (f"latents {tuple(summary['latents']['shape'])}  " if summary.get("latents") else "")
+        + f"shards {summary['shards']}  in {summary['seconds']['total']:.1f} s\n"
         f"wrote {summary['store']}"
     )
 

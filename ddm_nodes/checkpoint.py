@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
@@ -42,7 +43,11 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 TRAINING_FILE = "training.json"
 STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
-MODEL_CLASSES: dict[str, type] = {**DENOISER_CLASSES, RouterNet.__name__: RouterNet}
+MODEL_CLASSES: dict[str, type] = {
+    **DENOISER_CLASSES,
+    RouterNet.__name__: RouterNet,
+    AutoencoderKL.__name__: AutoencoderKL,  # `ddm train vae`
+}
 
 
 class CheckpointManifest(BaseModel):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ddm_nodes import __version__
 from ddm_nodes.errors import ManifestError
+from ddm_nodes.pretrained import PinnedModel
 from ddm_nodes.store import Store
 from ddm_nodes.versioned_json import parse_versioned
 
@@ -53,10 +54,23 @@ class ClusterShards(_Strict):
 
 
 class FeatureSpec(_Strict):
-    method: str = Field(description="feature extractor name, e.g. 'pca' or 'pixels'")
+    method: str = Field(description="feature extractor name: pca, pixels, dinov2 or clip")
     dims: int = Field(ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    metric: Literal["euclidean", "cosine"] = Field(
+        "euclidean", description="cosine: L2-normalised features, spherical k-means"
+    )
+    model: PinnedModel | None = Field(None, description="a learned extractor's pinned weights")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of features.safetensors")
+
+
+class LatentSpec(_Strict):
+    """The VAE whose latents the shards hold: z = (mean(E(x)) - shift) * scale."""
+
+    vae: PinnedModel
+    shape: tuple[int, int, int] = Field(description="(height, width, channels) of a latent")
+    scaling_factor: float = Field(gt=0)
+    shift_factor: float = 0.0
 
 
 class ClusterStats(_Strict):
@@ -78,6 +92,9 @@ class DatasetManifest(_Strict):
         default=None, description="label id -> name; None when the data set has no labels"
     )
     features: FeatureSpec
+    latents: LatentSpec | None = Field(
+        None, description="set when the shards hold VAE latents the models train on"
+    )
     seed: int
     heldout_fraction: float = Field(ge=0, lt=1)
     stats: ClusterStats
@@ -97,6 +114,12 @@ class DatasetManifest(_Strict):
         if total != self.count:
             raise ValueError(f"shard counts add up to {total}, not count={self.count}")
         return self
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of what the diffusion models and router see: the
+        latents when the shards hold them, else the images."""
+        return self.latents.shape if self.latents is not None else self.image_shape
 
     @property
     def labelled(self) -> bool:

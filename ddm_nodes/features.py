@@ -4,7 +4,13 @@
 image (a real one, or a denoised estimate x̂_0 mid-sampling) can be embedded into the same
 space as the training data and its distance to every cluster measured. Extractors are
 pluggable: subclass `FeatureExtractor`, give it a `method` name and register it with
-`@register_extractor`; a DINOv2 extractor for users who can load its weights fits here.
+`@register_extractor`. Learned extractors (DINOv2, CLIP: learned_features.py) keep their
+weights out of this file: the store holds a pinned copy (pretrained.py) and this file
+records the hash of the weights it was made with.
+
+A space's metric is "euclidean" or "cosine": cosine spaces L2-normalise every feature
+vector (and their centroids come from spherical k-means), so the Euclidean distance between
+unit vectors that `distances` returns orders clusters exactly as cosine similarity does.
 
 Images enter as float tensors (N, C, H, W) in [-1, 1], the same range the models see.
 """
@@ -22,7 +28,10 @@ from safetensors.torch import save as save_safetensors
 
 from ddm_nodes.dataset_manifest import FEATURES_KEY, DatasetManifest
 from ddm_nodes.errors import ManifestError
+from ddm_nodes.pretrained import PinnedModel
 from ddm_nodes.store import Store, sha256_bytes
+
+Metric = str  # "euclidean" | "cosine"
 
 FEATURE_EXTRACTORS: dict[str, type[FeatureExtractor]] = {}
 
@@ -54,6 +63,22 @@ class FeatureExtractor(ABC):
     @classmethod
     @abstractmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]): ...
+
+    @classmethod
+    def restore(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        params: dict[str, Any],
+        store: Store | None,
+        pinned: PinnedModel | None,
+        device: str | torch.device = "cpu",
+    ) -> FeatureExtractor:
+        """The saved extractor; learned ones load their pinned weights from the store."""
+        return cls.from_tensors(tensors, params)
+
+    def pin(self, store: Store) -> PinnedModel | None:
+        """Copy what the extractor needs beyond `tensors` into the store (learned weights)."""
+        return None
 
     @property
     @abstractmethod
@@ -139,6 +164,8 @@ class PixelFeatures(FeatureExtractor):
 
 
 def get_extractor(method: str) -> type[FeatureExtractor]:
+    if method not in FEATURE_EXTRACTORS:
+        import ddm_nodes.learned_features  # noqa: F401  (registers dinov2 and clip)
     try:
         return FEATURE_EXTRACTORS[method]
     except KeyError:
@@ -150,19 +177,28 @@ def get_extractor(method: str) -> type[FeatureExtractor]:
 class FeatureSpace:
     """A fitted extractor plus the K cluster centroids in its space."""
 
-    def __init__(self, extractor: FeatureExtractor, centroids: torch.Tensor):
+    def __init__(
+        self, extractor: FeatureExtractor, centroids: torch.Tensor, metric: Metric = "euclidean"
+    ):
+        if metric not in ("euclidean", "cosine"):
+            raise ValueError(f"unknown metric {metric!r}; expected euclidean or cosine")
         self.extractor = extractor
+        self.metric = metric
         self.centroids = centroids.float()  # (K, D)
+        if metric == "cosine":
+            self.centroids = torch.nn.functional.normalize(self.centroids, dim=-1)
 
     @property
     def num_clusters(self) -> int:
         return self.centroids.shape[0]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.extractor.embed(images)
+        z = self.extractor.embed(images)
+        return torch.nn.functional.normalize(z, dim=-1) if self.metric == "cosine" else z
 
     def distances(self, images: torch.Tensor) -> torch.Tensor:
-        """Euclidean distance from each image's features to each centroid: (N, K)."""
+        """Distance from each image's features to each centroid: (N, K) (Euclidean; between
+        unit vectors in a cosine space)."""
         z = self.embed(images)
         return torch.cdist(z, self.centroids.to(z))
 
@@ -173,29 +209,44 @@ class FeatureSpace:
         # made the bytes (and the manifest's sha256) differ between runs with the same seed.
         meta = {
             "feature_space": json.dumps(
-                {"method": self.extractor.method, "params": self.extractor.params()}
+                {
+                    "method": self.extractor.method,
+                    "params": self.extractor.params(),
+                    "metric": self.metric,
+                }
             )
         }
         return save_safetensors(tensors, metadata=meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> FeatureSpace:
+    def from_bytes(
+        cls,
+        data: bytes,
+        store: Store | None = None,
+        pinned: PinnedModel | None = None,
+        device: str | torch.device = "cpu",
+    ) -> FeatureSpace:
         tensors = load_safetensors(data)
         meta = json.loads(safetensors_metadata(data).get("feature_space", "{}"))
         extractor_cls = get_extractor(meta.get("method", "?"))
         inner = {k.removeprefix("extractor."): v for k, v in tensors.items() if k != "centroids"}
-        extractor = extractor_cls.from_tensors(inner, meta.get("params", {}))
-        return cls(extractor, tensors["centroids"])
+        extractor = extractor_cls.restore(inner, meta.get("params", {}), store, pinned, device)
+        return cls(extractor, tensors["centroids"], meta.get("metric", "euclidean"))
 
-    def save(self, store: Store) -> str:
-        """Write `features.safetensors`; returns its sha256 for the manifest."""
+    def save(self, store: Store) -> tuple[str, PinnedModel | None]:
+        """Pin a learned extractor's weights, then write `features.safetensors`; returns the
+        file's sha256 and the pinned weights, for the manifest."""
+        pinned = self.extractor.pin(store)
         data = self.to_bytes()
         store.put_bytes(FEATURES_KEY, data)
-        return sha256_bytes(data)
+        return sha256_bytes(data), pinned
 
     @classmethod
-    def load(cls, store: Store, manifest: DatasetManifest) -> FeatureSpace:
-        space = cls.from_bytes(store.get_verified(FEATURES_KEY, manifest.features.sha256))
+    def load(
+        cls, store: Store, manifest: DatasetManifest, device: str | torch.device = "cpu"
+    ) -> FeatureSpace:
+        data = store.get_verified(FEATURES_KEY, manifest.features.sha256)
+        space = cls.from_bytes(data, store, manifest.features.model, device)
         if space.num_clusters != manifest.num_clusters:
             raise ManifestError(
                 f"{store.url(FEATURES_KEY)} has {space.num_clusters} centroids but the "

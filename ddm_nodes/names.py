@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-Kind = Literal["expert", "router", "monolith", "featnet"]
+Kind = Literal["expert", "router", "monolith", "featnet", "vae"]
 EXPERTS_FOLDER = "experts"
 ROUTER_PREFIX = "router"
 MONOLITH_PREFIX = "monolith"
 FEATNET_PREFIX = "featnet"
+VAE_PREFIX = "vae"  # `ddm train vae`: a small autoencoder trained on the store's images
+# pretrained models a dataset depends on, copied in by `ddm prepare` (pretrained.py)
+PRETRAINED_FOLDER = "pretrained"
 
 
 def expert_name(k: int) -> str:
@@ -29,4 +32,9 @@ def model_prefix(kind: Kind, cluster: int | None = None) -> str:
         if cluster is None:
             raise ValueError("an expert's prefix needs its cluster")
         return expert_prefix(cluster)
-    return {"router": ROUTER_PREFIX, "featnet": FEATNET_PREFIX, "monolith": MONOLITH_PREFIX}[kind]
+    return {
+        "router": ROUTER_PREFIX,
+        "featnet": FEATNET_PREFIX,
+        "monolith": MONOLITH_PREFIX,
+        "vae": VAE_PREFIX,
+    }[kind]

@@ -142,7 +142,7 @@ async def run(
         experts,
         models.router,
         p.policy,
-        initial_noise(r.n, models.image_shape, p.seed),
+        initial_noise(r.n, models.state_shape, p.seed),
         time_grid(r.steps),
         r.solver,
         labels=labels,
@@ -150,4 +150,5 @@ async def run(
         features=models.features,
         on_unavailable=r.on_unavailable,
         on_evaluation=on_evaluation,
+        decoder=models.decoder,
     )

@@ -98,6 +98,12 @@ class Features(Protocol):
     def distances(self, images: torch.Tensor) -> torch.Tensor: ...  # (N, C, H, W) -> (N, K)
 
 
+class Decoder(Protocol):
+    """Final states -> images: a latent DDM's VAE (ddm_nodes.latents.LatentCodec)."""
+
+    def decode(self, states: torch.Tensor) -> torch.Tensor: ...  # -> (N, C, H, W) in [-1, 1]
+
+
 class Models(Protocol):
     """What planning a request needs of a store's models beside the experts (the
     router deployment's StoreModels, the in-process LocalExperts)."""
@@ -112,7 +118,10 @@ class Models(Protocol):
     def features(self) -> Features | None: ...  # None: no nearest-centroid
 
     @property
-    def image_shape(self) -> tuple[int, int, int]: ...  # (C, H, W)
+    def state_shape(self) -> tuple[int, int, int]: ...  # (C, H, W) of x_t: images or latents
+
+    @property
+    def decoder(self) -> Decoder | None: ...  # None: the states are images
 
     @property
     def conditional(self) -> bool: ...  # every expert takes class labels
@@ -214,11 +223,13 @@ class SampleResult:
     trace: list[StepTrace] | None = None
     missing_experts: list[int] = field(default_factory=list)  # left out ("renormalize")
     disagreement: list[float] = field(default_factory=list)  # per evaluation, NaN: none
+    decoded: torch.Tensor | None = None  # the decoder's images of `final` (latent DDMs)
 
     @property
     def images(self) -> torch.Tensor:
-        """(N, C, H, W) float in [-1, 1]: the final state clipped to the pixel range."""
-        return self.final.clamp(-1.0, 1.0)
+        """(N, C, H, W) float in [-1, 1]: the decoded final state, or the final state
+        itself clipped to the pixel range when the states are images."""
+        return self.decoded if self.decoded is not None else self.final.clamp(-1.0, 1.0)
 
 
 # --- one routed velocity evaluation ------------------------------------------------------
@@ -401,6 +412,7 @@ async def sample_async(
     trace_all_experts: bool = False,
     on_unavailable: OnUnavailable = "fail",
     on_evaluation: Callable[[EvaluationStats], None] | None = None,
+    decoder: Decoder | None = None,
 ) -> SampleResult:
     """Integrate dx/dt = v from x_T at time_grid[0] to time_grid[-1], routing every
     velocity evaluation through `policy`.
@@ -423,6 +435,7 @@ async def sample_async(
     on_unavailable  "fail": an ExpertUnavailable from the backend ends the run;
               "renormalize": that expert is left out from then on (see the module doc)
     on_evaluation   called with an EvaluationStats after every routed evaluation
+    decoder   a latent DDM's VAE: the final states are decoded ONCE, into `images`
     """
     if isinstance(policy, str):
         policy = get_policy(policy)
@@ -468,6 +481,7 @@ async def sample_async(
     )
     final = await SOLVERS[solver](velocity, x_T, grid)
     return SampleResult(
+        decoded=None if decoder is None else decoder.decode(final),
         final=final,
         expert_calls=velocity.calls,
         evaluations=len(velocity.selected),

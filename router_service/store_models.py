@@ -7,7 +7,12 @@ the Serve router holds one; `LocalExperts` extends it with the experts themselve
 
 Every load goes through `checkpoint.load_model` (each file's sha256 checked before it is
 parsed, nothing unpickled) and is checked against the dataset manifest: the expert must
-have been trained on the cluster it is loaded for and make the data set's image shape.
+have been trained on the cluster it is loaded for and make the data set's state shape.
+
+In a latent dataset the experts and router work on VAE latents: `state_shape` is the
+latents' shape, `decoder` turns final states into images (one decode per request, here in
+the router process: see docs/decisions.md), and `features` decodes x̂_0 before embedding
+it, since the clusters were found among images.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import ManifestError
 from ddm_nodes.experts import Expert, ExpertSpec
 from ddm_nodes.features import FeatureSpace
+from ddm_nodes.latents import DecodedFeatures, LatentCodec
 from ddm_nodes.names import ROUTER_PREFIX, expert_name, expert_prefix
 from ddm_nodes.router_net import RouterNet
 from ddm_nodes.store import Store, open_store, sha256_bytes
@@ -68,11 +74,12 @@ def _checked_spec(
     if cluster != k:
         raise ManifestError(f"{store.url(prefix)} was trained on cluster {cluster}, not {k}")
     spec = ExpertSpec(**training["model"])
-    h, w, c = manifest.image_shape
+    h, w, c = manifest.model_shape
     if (spec.image_size, spec.image_size, spec.channels) != (h, w, c):
+        what = "latents" if manifest.latents is not None else "images"
         raise ManifestError(
             f"{store.url(prefix)} makes {spec.channels}x{spec.image_size}x"
-            f"{spec.image_size} images but the dataset's are {c}x{h}x{w}; retrain it"
+            f"{spec.image_size} states but the dataset's {what} are {c}x{h}x{w}; retrain it"
         )
     return spec
 
@@ -116,6 +123,11 @@ def load_router(
             f"clusters but the dataset has {manifest.num_clusters}: retrain it with "
             "`ddm submit --router`"
         )
+    if net.config.in_channels != manifest.model_shape[2]:
+        raise ManifestError(
+            f"{store.url(ROUTER_PREFIX)} routes {net.config.in_channels}-channel states but "
+            f"the dataset's have {manifest.model_shape[2]}: retrain it with `ddm submit --router`"
+        )
     return net.to(device).eval()
 
 
@@ -131,7 +143,8 @@ class RouterFn:
 
 
 class StoreModels:
-    """A store's manifest, router (if any), feature space and expert cards."""
+    """A store's manifest, router (if any), feature space, expert cards and, in a latent
+    dataset, its VAE."""
 
     def __init__(self, store: Store | str, device: str | torch.device = "cpu"):
         self.store = store if isinstance(store, Store) else open_store(store)
@@ -140,7 +153,19 @@ class StoreModels:
         check_experts_present(self.store, self.manifest)
         self.cards = [expert_card(self.store, self.manifest, k) for k in self.expert_ids]
         self.router_net: RouterNet | None = load_router(self.store, self.manifest, self.device)
-        self.features = FeatureSpace.load(self.store, self.manifest)
+        # the clustering's space, on images (the analysis embeds real images in it)
+        self.feature_space = FeatureSpace.load(self.store, self.manifest, self.device)
+        self.codec = (
+            None
+            if self.manifest.latents is None
+            else LatentCodec.load(self.store, self.manifest.latents, self.device)
+        )
+        # what nearest-centroid embeds: the sampler's states (latents: decoded first)
+        self.features = (
+            self.feature_space
+            if self.codec is None
+            else DecodedFeatures(self.feature_space, self.codec)
+        )
 
     @property
     def expert_ids(self) -> range:
@@ -148,9 +173,20 @@ class StoreModels:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the images the experts make."""
+        """(C, H, W) of the images the DDM makes."""
         h, w, c = self.manifest.image_shape
         return c, h, w
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the states the experts denoise: the images, or their latents."""
+        h, w, c = self.manifest.model_shape
+        return c, h, w
+
+    @property
+    def decoder(self) -> LatentCodec | None:
+        """Final states -> images in a latent dataset; None when the states are images."""
+        return self.codec
 
     @property
     def conditional(self) -> bool:

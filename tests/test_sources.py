@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import io
 import struct
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +221,53 @@ def test_folder_image_size_centre_crops_then_resizes(tmp_path):
     assert (data.images[1] == 255).all()
 
 
+def _halves(h: int, w: int, left: tuple[int, int, int], right: tuple[int, int, int]):
+    """An RGB image (h, w, 3): one colour on the left half, another on the right."""
+    arr = np.empty((h, w, 3), np.uint8)
+    arr[:, : w // 2], arr[:, w // 2 :] = left, right
+    return arr
+
+
+RED, BLUE, GREEN, YELLOW = (220, 30, 20), (20, 40, 210), (30, 200, 60), (230, 210, 20)
+
+
+def test_folder_rgb_png_and_jpeg_of_any_size_resized(tmp_path):
+    """48x40 PNGs and 64x64 JPEGs, image_size=32: centre-cropped, resized, colours kept."""
+    _png(tmp_path / "png" / "a.png", _halves(40, 48, RED, BLUE))  # H=40, W=48
+    _png(tmp_path / "png" / "b.png", _halves(40, 48, GREEN, YELLOW))
+    (tmp_path / "jpg").mkdir()
+    Image.fromarray(_halves(64, 64, BLUE, RED)).save(tmp_path / "jpg" / "c.jpg", quality=95)
+    Image.fromarray(_halves(64, 64, YELLOW, GREEN)).save(tmp_path / "jpg" / "d.JPEG", quality=95)
+
+    data = load_source(f"folder:{tmp_path}", image_size=32)
+    assert data.images.shape == (4, 32, 32, 3)
+    assert data.images.dtype == np.uint8
+    assert data.class_names == ["jpg", "png"]
+    # read in sorted path order: jpg/c, jpg/d, png/a, png/b
+    np.testing.assert_array_equal(data.labels, [0, 0, 1, 1])
+    # Away from the seam (Lanczos rings for a few pixels), each half keeps its colour:
+    # within JPEG's loss for JPEG, exactly (to rounding) for PNG.
+    for image, (left, right), tolerance in zip(
+        data.images,
+        [(BLUE, RED), (YELLOW, GREEN), (RED, BLUE), (GREEN, YELLOW)],
+        [12, 12, 1, 1],
+        strict=True,
+    ):
+        assert np.abs(image[:, :10].astype(int) - left).max() <= tolerance
+        assert np.abs(image[:, -10:].astype(int) - right).max() <= tolerance
+
+
+def test_folder_rgb_jpegs_keep_their_size_without_image_size(tmp_path):
+    for i, colour in enumerate([RED, GREEN, BLUE]):
+        Image.fromarray(np.full((24, 40, 3), colour, np.uint8)).save(
+            tmp_path / f"{i}.jpg", quality=95
+        )
+    data = load_source(f"folder:{tmp_path}")
+    assert data.images.shape == (3, 24, 40, 3)
+    for image, colour in zip(data.images, [RED, GREEN, BLUE], strict=True):
+        assert np.abs(image.astype(int) - colour).max() <= 6
+
+
 def test_folder_missing_is_refused(tmp_path):
     with pytest.raises(DDMError, match="cannot read folder"):
         load_source(f"folder:{tmp_path / 'nope'}")
@@ -261,6 +310,59 @@ def test_wds_without_labels(tmp_path, digits_set):
     data = load_source(f"wds:{tmp_path / 'heldout/cluster-000/shard-000000.tar'}")
     assert data.labels is None and data.class_names is None
     np.testing.assert_array_equal(data.images, digits_set.images[:2])
+
+
+def _jpeg_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _tar(path: Path, entries: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_wds_rgb_jpg_entries_give_three_channels(tmp_path):
+    """A shard written here by hand (not by our writer): KEY.jpg RGB images and KEY.cls."""
+    colours = [RED, GREEN, BLUE, YELLOW]
+    entries = {}
+    for i, colour in enumerate(colours):
+        entries[f"s{i:03d}.cls"] = str(i % 2).encode()
+        entries[f"s{i:03d}.jpg"] = _jpeg_bytes(np.full((40, 48, 3), colour, np.uint8))
+    _tar(tmp_path / "rgb.tar", entries)
+
+    data = load_source(f"wds:{tmp_path / 'rgb.tar'}")
+    assert data.images.shape == (4, 40, 48, 3)
+    np.testing.assert_array_equal(data.labels, [0, 1, 0, 1])
+    for image, colour in zip(data.images, colours, strict=True):
+        assert np.abs(image.astype(int) - colour).max() <= 6
+
+    resized = load_source(f"wds:{tmp_path / 'rgb.tar'}", image_size=32)
+    assert resized.images.shape == (4, 32, 32, 3)
+    for image, colour in zip(resized.images, colours, strict=True):
+        assert np.abs(image.astype(int) - colour).max() <= 6
+
+
+def test_wds_mixed_jpg_sizes_need_image_size(tmp_path):
+    _tar(
+        tmp_path / "mixed.tar",
+        {
+            "a.jpg": _jpeg_bytes(_halves(64, 64, RED, BLUE)),
+            "b.jpg": _jpeg_bytes(_halves(40, 48, RED, BLUE)),
+        },
+    )
+    with pytest.raises(DDMError, match="--image-size"):
+        load_source(f"wds:{tmp_path / 'mixed.tar'}")
+    data = load_source(f"wds:{tmp_path / 'mixed.tar'}", image_size=32)
+    assert data.images.shape == (2, 32, 32, 3)
+    assert data.labels is None
+    for image in data.images:
+        assert np.abs(image[:, :10].astype(int) - RED).max() <= 12
+        assert np.abs(image[:, -10:].astype(int) - BLUE).max() <= 12
 
 
 @pytest.mark.parametrize("content", [b"", b"this is not a tar archive " * 40])

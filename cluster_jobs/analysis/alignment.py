@@ -42,19 +42,29 @@ BUCKETS = [step_bucket((i + 0.5) / STEP_BUCKETS) for i in range(STEP_BUCKETS)]
 
 def heldout(
     store: Store, manifest: DatasetManifest, limit: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Up to `limit` held-out images (N, C, H, W) with their clusters and labels, drawn
-    round-robin over clusters so every cluster is represented."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to `limit` held-out images (N, C, H, W) with their clusters, labels and the
+    states the models see (the images, or their VAE latents in a latent dataset), drawn
+    per cluster so every cluster is represented."""
     per = math.ceil(limit / manifest.num_clusters)
-    images, clusters, labels = [], [], []
+    latent = manifest.latents is not None
+    fields = frozenset({"image", "latent"} if latent else {"image"})
+    images, clusters, labels, states = [], [], [], []
     for k in range(manifest.num_clusters):
-        for i, s in enumerate(cluster_dataset(store, k, "heldout", manifest=manifest)):
+        samples = cluster_dataset(store, k, "heldout", manifest=manifest, fields=fields)
+        for i, s in enumerate(samples):
             if i >= per:
                 break
             images.append(s["image"])
+            states.append(s["latent"] if latent else s["image"])
             clusters.append(s["cluster"])
             labels.append(s["label"])
-    return torch.stack(images), torch.tensor(clusters), torch.tensor(labels)
+    return (
+        torch.stack(images),
+        torch.tensor(clusters),
+        torch.tensor(labels),
+        torch.stack(states),
+    )
 
 
 def train_features(

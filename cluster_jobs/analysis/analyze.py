@@ -54,12 +54,14 @@ def _say(message: str) -> None:
 
 
 class _Monolith:
-    """The monolith as a one-expert backend (and its `models`: no router, no features)."""
+    """The monolith as a one-expert backend (and its `models`: no router, no features; the
+    DDM's decoder in a latent dataset)."""
 
-    def __init__(self, store, image_shape):
+    def __init__(self, store, models):
         loaded = load_model(store, MONOLITH_PREFIX, kind="monolith")
         self.expert = Expert(loaded.model, ExpertSpec(**loaded.training["model"])).eval()
-        self.image_shape = image_shape
+        self.state_shape = models.state_shape
+        self.decoder = models.decoder
         self.router = None
         self.features = None
         self.num_experts = 1
@@ -71,10 +73,10 @@ class _Monolith:
 
 def _sample_images(experts, models, policy: str, n: int, steps: int, seed: int):
     """n images in chunks; returns (images, mean experts per step)."""
-    x_T = initial_noise(n, models.image_shape, seed)
+    x_T = initial_noise(n, models.state_shape, seed)
     images, per_step = [], []
     for x in x_T.split(CHUNK):
-        r = stability.run(experts, models, policy, x, steps)
+        r = stability.run(experts, models, policy, x, steps, decoder=models.decoder)
         images.append(r.images)
         per_step.append(r.experts_per_step * len(x))
     return torch.cat(images), sum(per_step) / n
@@ -128,15 +130,15 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
     manifest = experts.manifest
     _say(f"{store.uri}: K={K}, featnet held-out accuracy {featnet.heldout_accuracy}")
 
-    real_images, clusters, labels = alignment.heldout(store, manifest, limit=100_000)
+    real_images, clusters, labels, real_states = alignment.heldout(store, manifest, limit=100_000)
     real_feats, _ = featnet.embed(real_images)
     real_inception = inception.embed(real_images) if inception else None
     _say(f"{len(real_images)} held-out images embedded")
-    bank = alignment.train_features(store, manifest, experts.features, cfg.train_per_cluster)
+    bank = alignment.train_features(store, manifest, experts.feature_space, cfg.train_per_cluster)
 
     runs: list[tuple[str, Any, Any]] = [(s, experts, experts) for s in cfg.strategies]
     if cfg.include_monolith:
-        mono = _Monolith(store, experts.image_shape)
+        mono = _Monolith(store, experts)
         runs.append((MONOLITH, mono, mono))
 
     results: dict[str, Any] = {}
@@ -163,7 +165,7 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
 
         seed = cfg.seeds[0]
         _say(f"{name}: stability on {cfg.stability_n} trajectories")
-        x_T = initial_noise(cfg.stability_n, experts.image_shape, seed)
+        x_T = initial_noise(cfg.stability_n, experts.state_shape, seed)
         sens = stability.trajectory_sensitivity(
             backend, models, policy, x_T, cfg.steps, cfg.eps, seed
         )
@@ -172,12 +174,18 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
 
         if name != MONOLITH:
             _say(f"{name}: alignment and disagreement")
-            x_T = initial_noise(cfg.alignment_n, experts.image_shape, seed + 1)
+            x_T = initial_noise(cfg.alignment_n, experts.state_shape, seed + 1)
             traced = stability.run(experts, experts, policy, x_T, cfg.steps, trace=True)
             row["alignment"] = alignment.trace_alignment(traced, experts.features, bank, cfg.knn)
-            x_T = initial_noise(cfg.disagreement_n, experts.image_shape, seed + 2)
+            x_T = initial_noise(cfg.disagreement_n, experts.state_shape, seed + 2)
             everyone = stability.run(
-                experts, experts, policy, x_T, cfg.steps, trace_all_experts=True
+                experts,
+                experts,
+                policy,
+                x_T,
+                cfg.steps,
+                trace_all_experts=True,
+                decoder=experts.decoder,
             )
             dis = alignment.disagreement(everyone)
             final_feats, final_conf = featnet.embed(everyone.images)
@@ -202,11 +210,11 @@ def run_analysis(cfg: AnalyzeConfig) -> dict[str, Any]:
     if experts.router is not None:
         _say("router accuracy against t")
         router_acc = alignment.router_accuracy(
-            experts.router, real_images[pick], clusters[pick], cfg.seeds[0]
+            experts.router, real_states[pick], clusters[pick], cfg.seeds[0]
         )
         _say(f"every expert's velocity error on {len(pick)} held-out images")
         y = labels[pick] if experts.conditional else None
-        cases, errs = alignment.expert_errors(experts, real_images[pick], y, ERROR_T, 17)
+        cases, errs = alignment.expert_errors(experts, real_states[pick], y, ERROR_T, 17)
         errors = {}
         for name in cfg.strategies:
             errors[name] = alignment.selected_vs_not(

@@ -1,7 +1,8 @@
 """Per-cluster WebDataset shards: writing them into a store and streaming them back.
 
-A shard is a plain tar of samples `KEY.png`, `KEY.cls` (label, when the data set has one)
-and `KEY.cluster.txt`, where KEY is the image's index in its source. Shards are written
+A shard is a plain tar of samples `KEY.png`, `KEY.cls` (label, when the data set has one),
+`KEY.cluster.txt` and, in a latent dataset, `KEY.latent.npy` (the image's scaled VAE latent,
+float32 (c, h, w)), where KEY is the image's index in its source. Shards are written
 deterministically (sorted entries, mtime 0), so the same data and seed give the same sha256.
 
 Reading goes through the store: each shard is fetched whole, its sha256 checked against the
@@ -20,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -36,6 +38,7 @@ from ddm_nodes.pixels import png_bytes, to_model_range
 from ddm_nodes.store import Store, open_store, open_url, sha256_bytes
 
 log = logging.getLogger(__name__)
+IMAGE = frozenset({"image"})
 # Shards open at once when shuffling (each is held whole in memory: a few MB at most here).
 OPEN_SHARDS = 16
 
@@ -59,9 +62,10 @@ def write_cluster_shards(
     images: np.ndarray,
     labels: Sequence[int] | None,
     shard_size: int,
+    latents: np.ndarray | None = None,
 ) -> ClusterShards:
-    """Write one cluster's samples (images uint8 (n, H, W, C)) as shards of at most
-    `shard_size`; returns their manifest entries."""
+    """Write one cluster's samples (images uint8 (n, H, W, C), latents float32 (n, c, h, w))
+    as shards of at most `shard_size`; returns their manifest entries."""
     entries: list[ShardEntry] = []
     batch: list[dict[str, Any]] = []
     for i, key in enumerate(keys):
@@ -72,6 +76,8 @@ def write_cluster_shards(
         }
         if labels is not None:
             sample["cls"] = str(labels[i]).encode()
+        if latents is not None:
+            sample["latent.npy"] = _npy(latents[i])
         batch.append(sample)
         if len(batch) == shard_size:
             entries.append(_put_shard(store, shard_key(split, cluster, len(entries)), batch))
@@ -79,6 +85,12 @@ def write_cluster_shards(
     if batch:
         entries.append(_put_shard(store, shard_key(split, cluster, len(entries)), batch))
     return ClusterShards(cluster=cluster, count=sum(e.count for e in entries), shards=entries)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, np.float32), allow_pickle=False)
+    return buf.getvalue()
 
 
 def _put_shard(store: Store, key: str, samples: list[dict[str, Any]]) -> ShardEntry:
@@ -97,9 +109,9 @@ def _put_shard(store: Store, key: str, samples: list[dict[str, Any]]) -> ShardEn
 def cluster_dataset(
     store: Store | str, cluster: int, split: Split = "train", **kwargs: Any
 ) -> wds.DataPipeline:
-    """Stream ONE cluster's samples as dicts {key, image (C, H, W) float in [-1, 1],
-    label (int, NULL_LABEL when unlabelled), cluster}. Only that cluster's shards are
-    ever opened: what an expert job reads."""
+    """Stream ONE cluster's samples as dicts {key, image (C, H, W) float in [-1, 1] (and/or
+    latent (c, h, w), see `fields`), label (int, NULL_LABEL when unlabelled), cluster}.
+    Only that cluster's shards are ever opened: what an expert job reads."""
     return clusters_dataset(store, [cluster], split, **kwargs)
 
 
@@ -113,8 +125,10 @@ def clusters_dataset(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    fields: frozenset[str] = IMAGE,
 ) -> wds.DataPipeline:
-    """Stream the samples of the given clusters (see `cluster_dataset`).
+    """Stream the samples of the given clusters (see `cluster_dataset`), decoding `fields`
+    ("image" and/or "latent").
 
     With `shuffle`, shard order is shuffled with `seed` (each cluster spread evenly along
     it), OPEN_SHARDS shards are read at once in random interleaving, and a `shuffle`-sample
@@ -155,7 +169,7 @@ def clusters_dataset(
     if shuffle:
         stages.append(wds.shuffle(shuffle, seed=seed + rank))
     allowed = frozenset(clusters)
-    stages.append(wds.map(lambda s: _decode_sample(s, allowed)))
+    stages.append(wds.map(lambda s: _decode_sample(s, allowed, fields)))
     return wds.DataPipeline(*stages)
 
 
@@ -216,19 +230,31 @@ def _verified_opener(store: Store, sha_by_key: dict[str, str]):
     return open_shards
 
 
-def _decode_sample(sample: dict[str, Any], allowed: frozenset[int]) -> dict[str, Any]:
+def _decode_sample(
+    sample: dict[str, Any], allowed: frozenset[int], fields: frozenset[str] = IMAGE
+) -> dict[str, Any]:
+    """The sample's `fields` ("image": pixels in [-1, 1]; "latent": its VAE latent), key,
+    label and cluster; only what is asked for is decoded (PNG decoding is the cost)."""
     got = int(sample["cluster.txt"])
     if got not in allowed:
         raise IntegrityError(
             f"sample {sample['__key__']} in {sample['__url__']} belongs to cluster {got}, "
             f"not {sorted(allowed)}; re-run prepare"
         )
-    pixels = np.asarray(Image.open(io.BytesIO(sample["png"])))
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    return {
+    out = {
         "key": sample["__key__"],
-        "image": to_model_range(pixels),
         "label": int(sample["cls"]) if "cls" in sample else NULL_LABEL,
         "cluster": got,
     }
+    if "image" in fields:
+        pixels = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        out["image"] = to_model_range(pixels[..., None] if pixels.ndim == 2 else pixels)
+    if "latent" in fields:
+        if "latent.npy" not in sample:
+            raise IntegrityError(
+                f"sample {sample['__key__']} in {sample['__url__']} has no latent; the "
+                "manifest says the shards hold them: re-run `ddm prepare --overwrite`"
+            )
+        latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)
+        out["latent"] = torch.from_numpy(latent)
+    return out

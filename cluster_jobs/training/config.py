@@ -6,6 +6,8 @@ weights. `kind` says what is trained:
     router    cross-entropy p(cluster | x_t, t) on every cluster's shards
     featnet   a classifier of clean images (class labels, else clusters) on every
               cluster's shards: the analysis' feature network for FID, KID, precision
+    vae       a small AutoencoderKL on every cluster's images, for `ddm prepare
+              --latents vae:store` (latent DDMs without downloaded weights)
 
 The config crosses every process boundary whole, as its own JSON (`ddm submit` -> the job's
 `--config` -> the Ray Train workers), and every command-line option of a job is generated
@@ -28,13 +30,21 @@ from ddm_nodes.presets import (
     DEFAULT_EXPERT_PRESET,
     DEFAULT_ROUTER_LR,
     DEFAULT_ROUTER_PRESET,
+    DEFAULT_VAE_LR,
+    DEFAULT_VAE_PRESET,
     EXPERT_PRESETS,
     ROUTER_PRESETS,
+    VAE_PRESETS,
 )
 
 FLOW_KINDS = ("expert", "monolith")  # flow matching: denoisers of the expert presets
 CLASSIFIER_KINDS = ("router", "featnet")  # classifiers of the router presets
 SCHEDULING = {"scheduling": True}
+# (preset, learning rate) of a kind when the config leaves them out; else the expert's
+KIND_DEFAULTS = {
+    **{kind: (DEFAULT_ROUTER_PRESET, DEFAULT_ROUTER_LR) for kind in CLASSIFIER_KINDS},
+    "vae": (DEFAULT_VAE_PRESET, DEFAULT_VAE_LR),
+}
 
 
 def _kinds(*kinds: str) -> dict[str, Any]:
@@ -46,7 +56,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Kind = Field(description="what is trained: expert | monolith | router | featnet")
+    kind: Kind = Field(description="what is trained: expert | monolith | router | featnet | vae")
     store: str = Field(description="store URI holding the prepared dataset")
     cluster: int | None = Field(
         None,
@@ -57,7 +67,7 @@ class TrainConfig(BaseModel):
     preset: str = Field(
         None,
         description=f"model preset (default: {DEFAULT_EXPERT_PRESET}; router and featnet: "
-        f"{DEFAULT_ROUTER_PRESET})",
+        f"{DEFAULT_ROUTER_PRESET}; vae: {DEFAULT_VAE_PRESET})",
         validate_default=True,
     )
     steps: int = Field(1000, ge=1, le=10_000_000, description="optimizer steps")
@@ -67,7 +77,7 @@ class TrainConfig(BaseModel):
         gt=0,
         le=1,
         description=f"peak learning rate (default: {DEFAULT_EXPERT_LR}; router and featnet: "
-        f"{DEFAULT_ROUTER_LR})",
+        f"{DEFAULT_ROUTER_LR}; vae: {DEFAULT_VAE_LR})",
         validate_default=True,
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -125,12 +135,14 @@ class TrainConfig(BaseModel):
     def _defaults_of_kind(cls, data: Any) -> Any:
         """The preset and learning rate a field left out takes depend on the kind."""
         if isinstance(data, dict):
-            classifier = data.get("kind") in CLASSIFIER_KINDS
+            preset, lr = KIND_DEFAULTS.get(
+                data.get("kind"), (DEFAULT_EXPERT_PRESET, DEFAULT_EXPERT_LR)
+            )
             data = dict(data)
             if data.get("preset") is None:
-                data["preset"] = DEFAULT_ROUTER_PRESET if classifier else DEFAULT_EXPERT_PRESET
+                data["preset"] = preset
             if data.get("lr") is None:
-                data["lr"] = DEFAULT_ROUTER_LR if classifier else DEFAULT_EXPERT_LR
+                data["lr"] = lr
         return data
 
     @model_validator(mode="after")
@@ -172,4 +184,6 @@ def fields_for(kind: str) -> list[str]:
 
 def preset_names(kind: str) -> list[str]:
     """The presets a model of `kind` can be built from (registry order)."""
+    if kind == "vae":
+        return list(VAE_PRESETS)
     return list(ROUTER_PRESETS if kind in CLASSIFIER_KINDS else EXPERT_PRESETS)

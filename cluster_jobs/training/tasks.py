@@ -1,9 +1,13 @@
-"""What a job learns and from which data: the flow-matching and router tasks, the checks a
-config passes against the store before any worker starts, the batch stream (where expert
-isolation is enforced), the schedules, and the held-out loss."""
+"""What a job learns and from which data: the flow-matching, router, featnet and VAE tasks,
+the checks a config passes against the store before any worker starts, the batch stream
+(where expert isolation is enforced), the schedules, and the held-out loss.
+
+In a latent dataset (`ddm prepare --latents`) the experts, monolith and router train on the
+shards' VAE latents; the featnet and the VAE itself always see images (`input_field`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
@@ -15,17 +19,25 @@ from ddm_nodes import flow
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import NULL_LABEL, Expert, ExpertSpec, get_preset
+from ddm_nodes.presets import get_vae_preset
 from ddm_nodes.router_net import RouterNet, get_router_preset
 from ddm_nodes.store import Store, open_store
+
+
+def input_field(kind: str, manifest: DatasetManifest) -> str:
+    """The sample field a model of `kind` trains on: "latent" or "image"."""
+    latent = manifest.latents is not None and kind in ("expert", "monolith", "router")
+    return "latent" if latent else "image"
 
 
 class FlowTask:
     """Flow matching: regress the velocity ε - x_0 at a logit-normal t."""
 
     def __init__(self, cfg: TrainConfig, manifest: DatasetManifest):
-        h, w, c = manifest.image_shape
+        self.field = input_field(cfg.kind, manifest)
+        h, w, c = manifest.model_shape
         if h != w:
-            raise DDMError(f"experts need square images, the store has {h}x{w}")
+            raise DDMError(f"experts need square inputs, the store has {h}x{w}")
         get_preset(cfg.preset)
         classes = 0 if cfg.unconditional or not manifest.labelled else len(manifest.class_names)
         self.spec = ExpertSpec(preset=cfg.preset, image_size=h, channels=c, num_classes=classes)
@@ -38,7 +50,7 @@ class FlowTask:
         return model.denoiser  # the diffusers model that save_pretrained writes
 
     def loss(self, model, batch, gen: torch.Generator) -> torch.Tensor:
-        x0, y = batch["image"], batch["label"]
+        x0, y = batch[self.field], batch["label"]
         n = x0.shape[0]
         if not self.spec.conditional:
             y = torch.full_like(y, NULL_LABEL)
@@ -60,8 +72,9 @@ class RouterTask:
     """Cross-entropy on the cluster of x_0, at t uniform in [0, 1] (routing runs at every t)."""
 
     def __init__(self, cfg: TrainConfig, manifest: DatasetManifest):
+        self.field = input_field(cfg.kind, manifest)
         self.preset = get_router_preset(cfg.preset)
-        self.channels = manifest.channels
+        self.channels = manifest.model_shape[2] if self.field == "latent" else manifest.channels
         self.num_clusters = manifest.num_clusters
 
     def build(self) -> torch.nn.Module:
@@ -71,7 +84,7 @@ class RouterTask:
         return model
 
     def loss(self, model, batch, gen: torch.Generator) -> torch.Tensor:
-        x0 = batch["image"]
+        x0 = batch[self.field]
         t = torch.rand(x0.shape[0], generator=gen)
         path = flow.interpolate(x0, torch.randn(x0.shape, generator=gen), t)
         dev = _device_of(model)
@@ -111,12 +124,99 @@ class FeatnetTask(RouterTask):
         with torch.no_grad():
             clusters = range(manifest.num_clusters)
             heldout = clusters_dataset(store, clusters, "heldout", manifest=manifest)
-            for batch in _batched(heldout, 256):
+            for batch in batched(heldout, 256):
                 x0 = batch["image"].to(_device_of(model))
                 logits = model(x0, torch.zeros(x0.shape[0], device=x0.device))
                 right += int((logits.argmax(-1).cpu() == batch[self.target]).sum())
                 total += x0.shape[0]
         return {"heldout_accuracy": right / max(total, 1), "heldout_images": total}
+
+
+class VaeTask:
+    """A small AutoencoderKL on every cluster's images: reconstruction MSE plus a light KL
+    to the standard normal. Its final checkpoint records the held-out reconstruction error
+    and the latents' mean and std, which become the config's shift and scaling factor (so
+    the latents the experts model have unit spread, as SD's 0.18215 does for its VAE)."""
+
+    field = "image"
+
+    def __init__(self, cfg: TrainConfig, manifest: DatasetManifest):
+        self.preset = get_vae_preset(cfg.preset)
+        h, w, c = manifest.image_shape
+        if h % self.preset.downsample or w % self.preset.downsample:
+            raise DDMError(
+                f"images of {h}x{w} are not divisible by the {self.preset.downsample}x "
+                f"downsampling of VAE preset {self.preset.name}; pick another --preset"
+            )
+        self.channels, self.image_size = c, h
+
+    def build(self) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+
+        p, levels = self.preset, len(self.preset.block_channels)
+        return AutoencoderKL(
+            in_channels=self.channels,
+            out_channels=self.channels,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=p.block_channels,
+            layers_per_block=p.layers_per_block,
+            latent_channels=p.latent_channels,
+            norm_num_groups=p.norm_groups,
+            sample_size=self.image_size,
+            mid_block_add_attention=p.mid_attention,
+            scaling_factor=1.0,
+        )
+
+    def weights_module(self, model: torch.nn.Module) -> Any:
+        return model
+
+    def loss(self, model, batch, gen: torch.Generator) -> torch.Tensor:
+        dev = _device_of(model)
+        x = batch["image"].to(dev)
+        posterior = model.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(
+            dev
+        )
+        recon = model.decode(z).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+        return torch.nn.functional.mse_loss(recon.float(), x) + self.preset.kl_weight * kl
+
+    def spec_json(self) -> dict[str, Any]:
+        return {"preset": self.preset.name, "channels": self.channels, "size": self.image_size}
+
+    @torch.no_grad()
+    def evaluate(self, model, store: Store, manifest: DatasetManifest) -> dict[str, Any]:
+        """Held-out reconstruction error (of the posterior mean) and latent statistics; sets
+        the model config's shift_factor and scaling_factor from the latter."""
+        model.eval()
+        dev = _device_of(model)
+        sq_err, pixels, latents = 0.0, 0, []
+        heldout = clusters_dataset(
+            store, range(manifest.num_clusters), "heldout", manifest=manifest
+        )
+        for batch in batched(heldout, 128):
+            x = batch["image"].to(dev)
+            mean = model.encode(x).latent_dist.mean
+            sq_err += float(((model.decode(mean).sample.clamp(-1, 1) - x) ** 2).sum())
+            pixels += x.numel()
+            latents.append(mean.float().cpu())
+            if pixels >= 2048 * x[0].numel():
+                break
+        if not latents:
+            raise DDMError("the held-out split is empty; prepare with --heldout > 0")
+        z = torch.cat(latents)
+        shift, std = float(z.mean()), float(z.std())
+        model.register_to_config(shift_factor=shift, scaling_factor=1.0 / max(std, 1e-6))
+        mse = sq_err / pixels  # in [-1, 1] units; PSNR on the [0, 1] scale
+        return {
+            "heldout_reconstruction_mse": mse,
+            "heldout_psnr_db": 10 * math.log10(4 / max(mse, 1e-12)),
+            "heldout_images": len(z),
+            "latent_mean": shift,
+            "latent_std": std,
+            "latent_shape": [int(z.shape[2]), int(z.shape[3]), int(z.shape[1])],
+        }
 
 
 def validate(cfg: TrainConfig) -> tuple[Store, DatasetManifest]:
@@ -136,7 +236,7 @@ def validate(cfg: TrainConfig) -> tuple[Store, DatasetManifest]:
     return store, manifest
 
 
-def make_task(cfg: TrainConfig, manifest: DatasetManifest) -> FlowTask | RouterTask:
+def make_task(cfg: TrainConfig, manifest: DatasetManifest) -> FlowTask | RouterTask | VaeTask:
     if cfg.kind == "expert" and not 0 <= cfg.cluster < manifest.num_clusters:
         raise DDMError(
             f"--cluster {cfg.cluster} is out of range: the store has clusters "
@@ -144,6 +244,8 @@ def make_task(cfg: TrainConfig, manifest: DatasetManifest) -> FlowTask | RouterT
         )
     if cfg.kind == "featnet":
         return FeatnetTask(cfg, manifest)
+    if cfg.kind == "vae":
+        return VaeTask(cfg, manifest)
     return RouterTask(cfg, manifest) if cfg.kind == "router" else FlowTask(cfg, manifest)
 
 
@@ -184,11 +286,12 @@ def batch_stream(
             seed=cfg.seed + 7919 * epoch,  # the same on every rank: see clusters_dataset
             rank=rank,
             world_size=world,
+            fields=frozenset({input_field(cfg.kind, manifest)}),
         )
         yielded = False
-        for batch in _batched(pipeline, cfg.batch_size):
+        for batch in batched(pipeline, cfg.batch_size):
             # a short last batch is only used when the data holds less than one batch
-            if len(batch["image"]) == cfg.batch_size or not yielded:
+            if len(batch["label"]) == cfg.batch_size or not yielded:
                 yield batch
                 yielded = True
         if not yielded:
@@ -196,7 +299,7 @@ def batch_stream(
         epoch += 1
 
 
-def _batched(samples: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, torch.Tensor]]:
+def batched(samples: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Collated batches of `size` samples; the last one may be smaller."""
     buf: list[dict[str, Any]] = []
     for sample in samples:
@@ -209,11 +312,14 @@ def _batched(samples: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str,
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
+    out = {
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "cluster": torch.tensor([s["cluster"] for s in samples], dtype=torch.long),
     }
+    for field in ("image", "latent"):
+        if field in samples[0]:
+            out[field] = torch.stack([s[field] for s in samples])
+    return out
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -241,11 +347,12 @@ def heldout_loss(
     task = make_task(eval_cfg, manifest)
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
+    fields = frozenset({input_field(cfg.kind, manifest)})
     for k in training_clusters(cfg, manifest):
-        heldout = clusters_dataset(store, [k], "heldout", manifest=manifest)
-        for sample_batch in _batched(heldout, eval_cfg.batch_size):
-            total += task.loss(model, sample_batch, gen).item() * len(sample_batch["image"])
-            count += len(sample_batch["image"])
+        heldout = clusters_dataset(store, [k], "heldout", manifest=manifest, fields=fields)
+        for sample_batch in batched(heldout, eval_cfg.batch_size):
+            total += task.loss(model, sample_batch, gen).item() * len(sample_batch["label"])
+            count += len(sample_batch["label"])
             if count >= max_images:
                 return total / count
     if count == 0:

@@ -159,7 +159,7 @@ class Worker:
         while state.step < cfg.steps:
             batch = next(batches)
             loss = self.step(batch, gen)
-            n = batch["image"].shape[0] * self.world
+            n = batch["label"].shape[0] * self.world
             state.images_seen += n
             tick_images += n
             if started is None:
@@ -263,5 +263,7 @@ def train_loop(loop: dict[str, str]) -> None:
 
 def train_local(cfg: TrainConfig) -> dict[str, Any]:
     """The same worker in this process, without Ray (single rank)."""
-    validate(cfg)
+    store, _ = validate(cfg)
+    if cfg.restart:  # as the launcher does before any worker starts
+        store.delete(store.list(cfg.prefix + "/"))
     return Worker(cfg, 0, 1, LocalReporter()).run()

@@ -1,0 +1,75 @@
+"""Tiny randomly initialised pretrained models, saved as `save_pretrained` writes them: the
+real loading code (transformers, diffusers) on small weights, with no download. Used by the
+tests and by bench/prepare.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def save_dinov2(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A 2-layer DINOv2 (hidden 32) and its image processor (crop = `image_size`)."""
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=image_size,
+    )
+    Dinov2Model(config).save_pretrained(folder, safe_serialization=True)
+    BitImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    ).save_pretrained(folder)
+    return Path(folder)
+
+
+def save_clip(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A 2-layer CLIP vision tower (hidden 32) and its image processor."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=8,
+        image_size=image_size,
+    )
+    CLIPVisionModel(config).save_pretrained(folder, safe_serialization=True)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    ).save_pretrained(folder)
+    return Path(folder)
+
+
+def save_vae(folder: Path, channels: int = 3, seed: int = 0) -> Path:
+    """A 2-level AutoencoderKL (32x32 -> 16x16x4), SD's scaling factor in its config."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+    ).save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
