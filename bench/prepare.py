@@ -1,8 +1,11 @@
 """Benchmark `ddm prepare`: fashion-mnist (70k) with K=8 into a local store and into a moto
-S3 server on loopback. Prints JSON: images/s, phase seconds and peak memory per target.
+S3 server on loopback; then RGB 64x64 `shapes` clustered on DINOv2 features with VAE latents
+(tiny randomly initialised models saved with save_pretrained: the real loaders and the real
+data path, small weights; a real DINOv2-S or SD-VAE costs far more per image). Prints JSON:
+images/s overall and per phase, phase seconds and peak memory per run.
 
-Each run happens in a fresh subprocess so its peak RSS is its own.
-    python bench/prepare.py [--dataset fashion-mnist] [--clusters 8]
+Each run happens in a fresh subprocess (its PrepareConfig as JSON) so its peak RSS is its own.
+    python bench/prepare.py [--dataset fashion-mnist] [--clusters 8] [--rgb-count 10000]
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 
-def run_one(dataset: str, clusters: int, store: str) -> dict:
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_one(config_json: str) -> dict:
     from cluster_jobs.data.prepare import PrepareConfig, prepare
 
-    cfg = PrepareConfig(dataset=dataset, clusters=clusters, store=store, overwrite=True)
+    cfg = PrepareConfig.model_validate_json(config_json)
     start = time.perf_counter()
     result = prepare(cfg)
     seconds = time.perf_counter() - start
@@ -36,29 +43,52 @@ def run_one(dataset: str, clusters: int, store: str) -> dict:
         "seconds": round(seconds, 2),
         "images_per_s": round(result.manifest.count / seconds, 1),
         "phases_s": result.seconds,
+        "phase_images_per_s": {
+            phase: round(result.manifest.count / max(sec, 1e-9), 1)
+            for phase, sec in result.seconds.items()
+            if phase != "total"
+        },
         "peak_rss_mb": round(peak_kb / 1024, 1),
         "shards": sum(len(c.shards) for c in result.manifest.train + result.manifest.heldout),
     }
 
 
-def child(dataset: str, clusters: int, store: str, env: dict | None = None) -> dict:
+def child(env: dict | None = None, **config) -> dict:
+    from cluster_jobs.data.prepare import PrepareConfig
+
+    cfg = PrepareConfig(overwrite=True, **config)
     out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--one",
-            store,
-            "--dataset",
-            dataset,
-            "--clusters",
-            str(clusters),
-        ],
+        [sys.executable, __file__, "--one", cfg.model_dump_json()],
         capture_output=True,
         text=True,
         env=env,
-        check=True,
     )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rgb_latents(count: int, tmp: str) -> dict:
+    """shapes RGB 64x64, K=8, tiny-DINOv2 features (cosine), tiny-VAE latents (32x32x4)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import save_dinov2, save_vae
+
+    dinov2 = save_dinov2(Path(tmp, "dinov2"), image_size=64)
+    vae = save_vae(Path(tmp, "vae"))
+    return {
+        "dataset": f"shapes, {count} images, 64x64 RGB",
+        "features": "dinov2 (tiny: 2 layers, hidden 32, patch 8)",
+        "latents": "AutoencoderKL (tiny: 2 levels, 16/32 channels) -> 32x32x4",
+        **child(
+            dataset="shapes",
+            count=count,
+            image_size=64,
+            clusters=8,
+            features=f"dinov2:{dinov2}",
+            latents=f"vae:{vae}",
+            store=os.path.join(tmp, "rgb-store"),
+        ),
+    }
 
 
 def moto_server() -> tuple[subprocess.Popen, str]:
@@ -85,10 +115,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--clusters", type=int, default=8)
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one prepare, print JSON
+    ap.add_argument("--rgb-count", type=int, default=10_000)
+    ap.add_argument("--skip-gray", action="store_true", help="only the RGB latent run")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one PrepareConfig JSON
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.dataset, args.clusters, args.one)))
+        print(json.dumps(run_one(args.one)))
         return
 
     report = {
@@ -98,7 +130,13 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        report["local"] = child(args.dataset, args.clusters, os.path.join(tmp, "store"))
+        report["rgb_64_dinov2_vae_latents"] = rgb_latents(args.rgb_count, tmp)
+    if args.skip_gray:
+        print(json.dumps(report, indent=2))
+        return
+    gray = dict(dataset=args.dataset, clusters=args.clusters)
+    with tempfile.TemporaryDirectory() as tmp:
+        report["local"] = child(store=os.path.join(tmp, "store"), **gray)
 
     proc, endpoint = moto_server()
     try:
@@ -119,7 +157,7 @@ def main() -> None:
             aws_secret_access_key="bench",
             region_name="us-east-1",
         ).create_bucket(Bucket=bucket)
-        report["s3_moto"] = child(args.dataset, args.clusters, f"s3://{bucket}/prep", env)
+        report["s3_moto"] = child(env, store=f"s3://{bucket}/prep", **gray)
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from cluster_jobs.training.config import TrainConfig
 from cluster_jobs.training.tasks import validate
 from cluster_jobs.training.worker import loop_config, train_loop
-from ddm_nodes.checkpoint import has_checkpoint, read_manifest
+from ddm_nodes.checkpoint import TRAINING_FILE, fetch_verified, has_checkpoint, read_manifest
 
 log = logging.getLogger("ddm.train")
 
@@ -25,6 +26,13 @@ class TrainOutcome:
     loss: float | None
     skipped: bool = False
     images_per_s: float | None = None
+    evaluation: dict | None = None  # the final checkpoint's (featnet accuracy, VAE error)
+
+
+def _evaluation(store, prefix: str) -> dict | None:
+    """What the final checkpoint's training.json records of its held-out evaluation."""
+    manifest = read_manifest(store, prefix)
+    return json.loads(fetch_verified(store, prefix, manifest, TRAINING_FILE)).get("evaluation")
 
 
 def launch(cfg: TrainConfig, storage_path: str | None = None) -> TrainOutcome:
@@ -38,7 +46,15 @@ def launch(cfg: TrainConfig, storage_path: str | None = None) -> TrainOutcome:
         done = read_manifest(store, cfg.prefix)
         if done.final and done.step >= cfg.steps:
             log.info("%s: already trained to step %d; nothing to do", cfg.name, done.step)
-            return TrainOutcome(cfg.name, cfg.prefix, done.step, done.images_seen, done.loss, True)
+            return TrainOutcome(
+                cfg.name,
+                cfg.prefix,
+                done.step,
+                done.images_seen,
+                done.loss,
+                True,
+                evaluation=_evaluation(store, cfg.prefix),
+            )
     if cfg.restart:
         store.delete(store.list(cfg.prefix + "/"))
 
@@ -66,4 +82,5 @@ def launch(cfg: TrainConfig, storage_path: str | None = None) -> TrainOutcome:
         m.get("images_seen", 0),
         m.get("loss"),
         images_per_s=m.get("images_per_s"),
+        evaluation=_evaluation(store, cfg.prefix) if has_checkpoint(store, cfg.prefix) else None,
     )
