@@ -4,13 +4,14 @@ isolation is enforced), the schedules, and the held-out loss."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 
 from cluster_jobs.data.shards import clusters_dataset
 from cluster_jobs.training.config import TrainConfig
+from cluster_jobs.training.loader import batched, loader_batches
 from ddm_nodes import flow
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
@@ -111,7 +112,7 @@ class FeatnetTask(RouterTask):
         with torch.no_grad():
             clusters = range(manifest.num_clusters)
             heldout = clusters_dataset(store, clusters, "heldout", manifest=manifest)
-            for batch in _batched(heldout, 256):
+            for batch in batched(heldout, 256):
                 x0 = batch["image"].to(_device_of(model))
                 logits = model(x0, torch.zeros(x0.shape[0], device=x0.device))
                 right += int((logits.argmax(-1).cpu() == batch[self.target]).sum())
@@ -171,49 +172,10 @@ def batch_stream(
     world: int = 1,
     split: Literal["train", "heldout"] = "train",
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches {image, label, cluster}, reshuffled every epoch."""
+    """Endless batches {image, label, cluster}, reshuffled every epoch, decoded in
+    `loader_workers` processes (loader.py)."""
     clusters = training_clusters(cfg, manifest)
-    epoch = 0
-    while True:
-        pipeline = clusters_dataset(
-            store,
-            clusters,
-            split,
-            manifest=manifest,
-            shuffle=cfg.shuffle_buffer,
-            seed=cfg.seed + 7919 * epoch,  # the same on every rank: see clusters_dataset
-            rank=rank,
-            world_size=world,
-        )
-        yielded = False
-        for batch in _batched(pipeline, cfg.batch_size):
-            # a short last batch is only used when the data holds less than one batch
-            if len(batch["image"]) == cfg.batch_size or not yielded:
-                yield batch
-                yielded = True
-        if not yielded:
-            raise DDMError(f"{cfg.name}: no training samples in {store.uri}")
-        epoch += 1
-
-
-def _batched(samples: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of `size` samples; the last one may be smaller."""
-    buf: list[dict[str, Any]] = []
-    for sample in samples:
-        buf.append(sample)
-        if len(buf) == size:
-            yield _collate(buf)
-            buf = []
-    if buf:
-        yield _collate(buf)
-
-
-def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "cluster": torch.tensor([s["cluster"] for s in samples], dtype=torch.long),
-    }
+    yield from loader_batches(cfg, store, manifest, clusters, rank, world, split)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -243,7 +205,7 @@ def heldout_loss(
     total, count = 0.0, 0
     for k in training_clusters(cfg, manifest):
         heldout = clusters_dataset(store, [k], "heldout", manifest=manifest)
-        for sample_batch in _batched(heldout, eval_cfg.batch_size):
+        for sample_batch in batched(heldout, eval_cfg.batch_size):
             total += task.loss(model, sample_batch, gen).item() * len(sample_batch["image"])
             count += len(sample_batch["image"])
             if count >= max_images:
