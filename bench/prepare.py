@@ -23,7 +23,6 @@ import time
 import uuid
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,7 +45,7 @@ def run_one(config_json: str) -> dict:
         "phase_images_per_s": {
             phase: round(result.manifest.count / max(sec, 1e-9), 1)
             for phase, sec in result.seconds.items()
-            if phase != "total"
+            if phase not in ("total", "manifest")
         },
         "peak_rss_mb": round(peak_kb / 1024, 1),
         "shards": sum(len(c.shards) for c in result.manifest.train + result.manifest.heldout),

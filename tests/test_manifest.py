@@ -260,8 +260,9 @@ def test_pixel_feature_space_round_trip():
 def _saved_space(store):
     images = _images()
     space = FeatureSpace(PCAFeatures.fit(images, dims=3, seed=0), torch.randn(2, 3))
-    sha = space.save(store)
+    sha, pinned = space.save(store)
     assert sha == hashlib.sha256(store.get_bytes(FEATURES_KEY)).hexdigest()
+    assert pinned is None  # PCA's tensors are all in the file: nothing to pin
     manifest = make_manifest(
         store,
         features=FeatureSpec(method="pca", dims=3, params=space.extractor.params(), sha256=sha),

@@ -199,6 +199,7 @@ NON_DEFAULT = dict(
     unconditional=True,
     workers=2,
     cpus_per_worker=0.5,
+    loader_workers=3,
     device="cuda",
     mixed_precision="bf16",
     checkpoint_every=11,
@@ -259,11 +260,41 @@ def test_what_the_worker_receives_equals_what_was_submitted(prepared, monkeypatc
     assert run_job(*command[3:]) == submitted
     scaling = _CapturingTrainer.given["scaling"]
     assert (scaling.num_workers, scaling.use_gpu) == (2, True)
-    assert scaling.resources_per_worker == {"CPU": 0.5}
+    assert scaling.resources_per_worker == {"CPU": 0.5 + 3}  # the rank and its loader workers
     assert _CapturingTrainer.given["run"].failure_config.max_failures == 1
     # options given beside --config override it; the rest is kept
     overridden = run_job(*command[3:], "--steps", "5", "--no-restart")
     assert overridden == submitted.model_copy(update={"steps": 5, "restart": False})
+
+
+@pytest.mark.parametrize(
+    "device,workers,loader_workers", [("cuda", 2, 7), ("cuda", 1, 8), ("cuda", 8, 1), ("cpu", 2, 0)]
+)
+def test_launch_reserves_cpus_for_the_loader_workers_it_decides(
+    prepared, monkeypatch, device, workers, loader_workers
+):
+    """Auto loader workers on a node of 16 CPUs and 8 GPUs (beside a CPU-only head), shared
+    by `workers` ranks: the ranks run with the number Ray reserved CPUs for."""
+    import ray
+    import ray.train.torch
+
+    from cluster_jobs.training.launch import launch
+    from cluster_jobs.training.worker import config_of
+
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 4.0}},
+        {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 8.0}},
+        {"Alive": False, "Resources": {"CPU": 96.0, "GPU": 8.0}},
+    ]
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", _CapturingTrainer)
+    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    cfg = _cfg(prepared[0], workers=workers, device=device, preset="dit-tiny")
+    launch(cfg)
+    ran = config_of(_CapturingTrainer.given["loop"])
+    assert ran == cfg.model_copy(update={"loader_workers": loader_workers})
+    cpus = _CapturingTrainer.given["scaling"].resources_per_worker
+    assert cpus == {"CPU": cfg.cpus_per_worker + loader_workers}
 
 
 def test_every_field_is_an_option_of_the_job_and_of_ddm_submit():

@@ -16,8 +16,9 @@ from __future__ import annotations
 import io
 import logging
 import random
+import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 IMAGE = frozenset({"image"})
 # Shards open at once when shuffling (each is held whole in memory: a few MB at most here).
 OPEN_SHARDS = 16
+TAR_BLOCK = 512
+META_FILE = re.compile(r"__[^/]*__($|/)")  # files WebDataset's reader skips
 
 
 def register_s3_opener() -> None:
@@ -126,6 +129,7 @@ def clusters_dataset(
     rank: int = 0,
     world_size: int = 1,
     fields: frozenset[str] = IMAGE,
+    select: Callable[[Iterator[dict[str, Any]]], Iterator[dict[str, Any]]] | None = None,
 ) -> wds.DataPipeline:
     """Stream the samples of the given clusters (see `cluster_dataset`), decoding `fields`
     ("image" and/or "latent").
@@ -139,6 +143,10 @@ def clusters_dataset(
     `rank`/`world_size` give each data-parallel worker a disjoint share: whole shards when
     there are at least as many shards as ranks, else every world_size-th sample. `seed` must
     be the same on every rank (the share is cut from the one shuffled order).
+    `select`, a stage over the rank's undecoded samples in their final order, keeps what it
+    yields and drops the rest before decoding: a data-loader worker keeps its own batches
+    there (cluster_jobs/training/loader.py). Shards are not split among data-loader
+    workers: a rank's one to four shards would leave most of them idle.
     """
     store = open_store(store) if isinstance(store, str) else store
     manifest = manifest or DatasetManifest.load(store)
@@ -157,17 +165,18 @@ def clusters_dataset(
         shards = shards[rank::world_size]
     stages: list[Any] = [
         wds.SimpleShardList([s.key for s in shards]),
-        wds.split_by_worker,
         _verified_opener(store, {s.key: s.sha256 for s in shards}),
     ]
     if shuffle:
         stages.append(_interleaved(OPEN_SHARDS, seed))
     else:
-        stages += [wds.tariterators.tar_file_expander, wds.tariterators.group_by_keys]
+        stages += [_tar_expander, wds.tariterators.group_by_keys]
     if world_size > 1 and not by_shard:
         stages.append(_every_nth(rank, world_size))
     if shuffle:
         stages.append(wds.shuffle(shuffle, seed=seed + rank))
+    if select is not None:
+        stages.append(select)
     allowed = frozenset(clusters)
     stages.append(wds.map(lambda s: _decode_sample(s, allowed, fields)))
     return wds.DataPipeline(*stages)
@@ -196,7 +205,7 @@ def _interleaved(open_at_once: int, seed: int):
         live: list[Iterator[dict[str, Any]]] = []
         while True:
             while len(live) < open_at_once and (shard := next(pending, None)) is not None:
-                expanded = wds.tariterators.tar_file_expander([shard])
+                expanded = _tar_expander([shard])
                 live.append(wds.tariterators.group_by_keys(expanded))
             if not live:
                 return
@@ -208,6 +217,45 @@ def _interleaved(open_at_once: int, seed: int):
                 yield sample
 
     return interleave
+
+
+def _tar_expander(shards: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """`wds.tariterators.tar_file_expander` for shards held in memory: the same file dicts
+    and end-of-shard markers, read straight from the ustar headers `_put_shard` writes
+    (~15x faster per file than `tarfile`: every data-loader worker reads every sample of its
+    rank, training/loader.py). A shard in another tar dialect goes through WebDataset's."""
+    for shard in shards:
+        data = shard["stream"].getvalue()
+        files = _ustar_files(data)
+        if files is None:
+            yield from wds.tariterators.tar_file_expander([shard])
+            continue
+        for name, start, size in files:
+            if not META_FILE.match(name):
+                yield {"fname": name, "data": data[start : start + size], "__url__": shard["url"]}
+        yield {}
+
+
+def _ustar_files(data: bytes) -> list[tuple[str, int, int]] | None:
+    """(name, offset, size) of each file of a plain ustar archive; None when `data` holds
+    anything else (pax or GNU headers, links, base-256 sizes, a truncated member)."""
+    files, offset = [], 0
+    while offset + TAR_BLOCK <= len(data):
+        header = data[offset : offset + TAR_BLOCK]
+        if not header.strip(b"\0"):
+            return files  # the end-of-archive blocks
+        kind, binary_size = header[156:157], header[124] & 0x80
+        if header[257:262] != b"ustar" or kind not in (b"0", b"\0") or binary_size:
+            return None
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0]
+        start = offset + TAR_BLOCK
+        if start + size > len(data):
+            return None
+        files.append(((prefix + b"/" + name if prefix else name).decode(), start, size))
+        offset = start + -(-size // TAR_BLOCK) * TAR_BLOCK
+    return files
 
 
 def _every_nth(offset: int, n: int):

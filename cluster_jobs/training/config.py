@@ -103,6 +103,16 @@ class TrainConfig(BaseModel):
         description="CPUs per worker (also its torch threads)",
         json_schema_extra=SCHEDULING,
     )
+    loader_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="data-loader processes per worker that decode its batches; the batches "
+        "are the same for any number (default: 0 on --device cpu, where the training threads "
+        "already use the cores; on cuda min(8, the CPUs a worker has beyond "
+        "--cpus-per-worker), as one process decodes too few images/s to keep a GPU busy)",
+        json_schema_extra=SCHEDULING,
+    )
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the workers train")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="mixed precision through Accelerate (fp16 needs cuda)"

@@ -1,5 +1,6 @@
 """The launcher: one Ray Train `TorchTrainer` per job, `workers` data-parallel ranks of
-`worker.train_loop`, each receiving the job's whole `TrainConfig` (its JSON)."""
+`worker.train_loop`, each receiving the job's whole `TrainConfig` (its JSON), with its
+number of loader workers decided here, where their CPUs are reserved."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import tempfile
 from dataclasses import dataclass
 
 from cluster_jobs.training.config import TrainConfig
+from cluster_jobs.training.loader import loader_workers
 from cluster_jobs.training.tasks import validate
 from cluster_jobs.training.worker import loop_config, train_loop
 from ddm_nodes.checkpoint import TRAINING_FILE, fetch_verified, has_checkpoint, read_manifest
@@ -59,13 +61,16 @@ def launch(cfg: TrainConfig, storage_path: str | None = None) -> TrainOutcome:
         store.delete(store.list(cfg.prefix + "/"))
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
+    workers = loader_workers(cfg, lambda: _rank_cpus(cfg))
+    cfg = cfg.model_copy(update={"loader_workers": workers})  # what the ranks run with
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config(cfg),
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.device == "cuda",
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            # the rank's training threads and its data-loader processes
+            resources_per_worker={"CPU": cfg.cpus_per_worker + cfg.loader_workers},
         ),
         run_config=RunConfig(
             name=f"ddm-{cfg.name}-{cfg.config_hash()}",
@@ -84,3 +89,17 @@ def launch(cfg: TrainConfig, storage_path: str | None = None) -> TrainOutcome:
         images_per_s=m.get("images_per_s"),
         evaluation=_evaluation(store, cfg.prefix) if has_checkpoint(store, cfg.prefix) else None,
     )
+
+
+def _rank_cpus(cfg: TrainConfig) -> float:
+    """The CPUs one rank can have on the node with the most per rank, as Ray counts them: a
+    GPU node's CPUs are shared by the ranks its GPUs take."""
+    import ray
+
+    best = 0.0
+    for node in ray.nodes():
+        res = node["Resources"] if node["Alive"] else {}
+        ranks = min(cfg.workers, int(res.get("GPU", 0))) if cfg.device == "cuda" else 1
+        if ranks > 0:
+            best = max(best, res.get("CPU", 0.0) / ranks)
+    return best

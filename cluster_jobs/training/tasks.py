@@ -8,13 +8,14 @@ shards' VAE latents; the featnet and the VAE itself always see images (`input_fi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 
 from cluster_jobs.data.shards import clusters_dataset
 from cluster_jobs.training.config import TrainConfig
+from cluster_jobs.training.loader import batched, loader_batches
 from ddm_nodes import flow
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
@@ -22,6 +23,21 @@ from ddm_nodes.experts import NULL_LABEL, Expert, ExpertSpec, get_preset
 from ddm_nodes.presets import get_vae_preset
 from ddm_nodes.router_net import RouterNet, get_router_preset
 from ddm_nodes.store import Store, open_store
+
+
+class _VaeObjective(torch.nn.Module):
+    """(reconstruction, KL per latent element) = f(x, eps): the VAE's training pass as ONE
+    forward, so that Accelerate's DDP wrapper sees it (encode and decode called on the
+    wrapped model would bypass gradient synchronisation)."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.mean + posterior.std * eps).sample
+        return recon, posterior.kl().mean() / posterior.mean[0].numel()
 
 
 def input_field(kind: str, manifest: DatasetManifest) -> str:
@@ -154,32 +170,34 @@ class VaeTask:
         from diffusers import AutoencoderKL
 
         p, levels = self.preset, len(self.preset.block_channels)
-        return AutoencoderKL(
-            in_channels=self.channels,
-            out_channels=self.channels,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=p.block_channels,
-            layers_per_block=p.layers_per_block,
-            latent_channels=p.latent_channels,
-            norm_num_groups=p.norm_groups,
-            sample_size=self.image_size,
-            mid_block_add_attention=p.mid_attention,
-            scaling_factor=1.0,
+        return _VaeObjective(
+            AutoencoderKL(
+                in_channels=self.channels,
+                out_channels=self.channels,
+                down_block_types=("DownEncoderBlock2D",) * levels,
+                up_block_types=("UpDecoderBlock2D",) * levels,
+                block_out_channels=p.block_channels,
+                layers_per_block=p.layers_per_block,
+                latent_channels=p.latent_channels,
+                norm_num_groups=p.norm_groups,
+                sample_size=self.image_size,
+                mid_block_add_attention=p.mid_attention,
+                scaling_factor=1.0,
+            )
         )
 
     def weights_module(self, model: torch.nn.Module) -> Any:
-        return model
+        return model.vae
 
     def loss(self, model, batch, gen: torch.Generator) -> torch.Tensor:
         dev = _device_of(model)
         x = batch["image"].to(dev)
-        posterior = model.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(
-            dev
+        size = (
+            x.shape[0],
+            self.preset.latent_channels,
+            *(s // self.preset.downsample for s in x.shape[2:]),
         )
-        recon = model.decode(z).sample
-        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+        recon, kl = model(x, torch.randn(size, generator=gen).to(dev))
         return torch.nn.functional.mse_loss(recon.float(), x) + self.preset.kl_weight * kl
 
     def spec_json(self) -> dict[str, Any]:
@@ -273,53 +291,11 @@ def batch_stream(
     world: int = 1,
     split: Literal["train", "heldout"] = "train",
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches {image, label, cluster}, reshuffled every epoch."""
+    """Endless batches {image, label, cluster}, reshuffled every epoch, decoded in
+    `loader_workers` processes (loader.py)."""
     clusters = training_clusters(cfg, manifest)
-    epoch = 0
-    while True:
-        pipeline = clusters_dataset(
-            store,
-            clusters,
-            split,
-            manifest=manifest,
-            shuffle=cfg.shuffle_buffer,
-            seed=cfg.seed + 7919 * epoch,  # the same on every rank: see clusters_dataset
-            rank=rank,
-            world_size=world,
-            fields=frozenset({input_field(cfg.kind, manifest)}),
-        )
-        yielded = False
-        for batch in batched(pipeline, cfg.batch_size):
-            # a short last batch is only used when the data holds less than one batch
-            if len(batch["label"]) == cfg.batch_size or not yielded:
-                yield batch
-                yielded = True
-        if not yielded:
-            raise DDMError(f"{cfg.name}: no training samples in {store.uri}")
-        epoch += 1
-
-
-def batched(samples: Iterable[dict[str, Any]], size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of `size` samples; the last one may be smaller."""
-    buf: list[dict[str, Any]] = []
-    for sample in samples:
-        buf.append(sample)
-        if len(buf) == size:
-            yield _collate(buf)
-            buf = []
-    if buf:
-        yield _collate(buf)
-
-
-def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    out = {
-        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "cluster": torch.tensor([s["cluster"] for s in samples], dtype=torch.long),
-    }
-    for field in ("image", "latent"):
-        if field in samples[0]:
-            out[field] = torch.stack([s[field] for s in samples])
-    return out
+    fields = frozenset({input_field(cfg.kind, manifest)})
+    yield from loader_batches(cfg, store, manifest, clusters, rank, world, split, fields)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
