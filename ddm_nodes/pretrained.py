@@ -126,6 +126,13 @@ def materialized(store: Store, pinned: PinnedModel, what: str) -> Iterator[Path]
         yield Path(tmp)
 
 
+def verify_pinned(store: Store, pinned: PinnedModel, what: str) -> None:
+    """Every pinned file present and unchanged (before a service deploys replicas that
+    would each find out on their own)."""
+    with materialized(store, pinned, what):
+        pass
+
+
 def copy_pinned(store: Store, pinned: PinnedModel, prefix: str) -> PinnedModel:
     """The pinned files, verified, copied to another prefix of the same store."""
     with materialized(store, pinned, pinned.ref) as folder:

@@ -1,12 +1,14 @@
 """The Serve application: `build_app(args)` binds one ExpertServer deployment per expert
-of the store and the RouterServer ingress over their handles.
+of the store, in a latent dataset the DecoderServer, and the RouterServer ingress over
+their handles.
 
     ddm serve --store demo-out/store                       # what most users run
     serve run router_service.app:build_app store=/abs/store replicas=2
     serve run infra/serve/ddm.yaml                          # the Serve config file
 
 The store is checked before anything is deployed (dataset manifest, one trained expert
-per cluster), so a wrong path fails here with a message, not later inside a replica.
+per cluster, the pinned feature extractor and VAE unchanged), so a wrong path or an altered
+file fails here with a message, not later inside a replica.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import os
 from ray.serve import Application
 
 from ddm_nodes.dataset_manifest import DatasetManifest
+from ddm_nodes.pretrained import verify_pinned
 from ddm_nodes.store import open_store
 from router_service.app_config import AppArgs
-from router_service.deployments import ExpertServer, RouterServer
+from router_service.deployments import DecoderServer, ExpertServer, RouterServer
 from router_service.store_models import check_experts_present
 
 APP_NAME = "ddm"
@@ -31,9 +34,16 @@ def build_app(args: dict | AppArgs) -> Application:
     store = open_store(cfg.store)
     manifest = DatasetManifest.load(store)
     check_experts_present(store, manifest)
+    if manifest.features.model is not None:
+        verify_pinned(store, manifest.features.model, "the feature extractor")
+    if manifest.latents is not None:
+        verify_pinned(store, manifest.latents.vae, "the VAE")
     args_json = cfg.model_dump_json()  # every replica parses the whole AppArgs
     experts = [
         ExpertServer.options(**cfg.expert_options(k)).bind(args_json, k)
         for k in range(manifest.num_clusters)
     ]
-    return RouterServer.options(**cfg.router_options()).bind(args_json, experts)
+    decoder = None
+    if manifest.latents is not None:
+        decoder = DecoderServer.options(**cfg.decoder_options()).bind(args_json)
+    return RouterServer.options(**cfg.router_options()).bind(args_json, experts, decoder)

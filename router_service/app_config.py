@@ -111,6 +111,19 @@ class AppArgs(BaseModel):
             options["num_replicas"] = self.expert_replicas.get(k, self.replicas)
         return options
 
+    def decoder_options(self) -> dict:
+        """The VAE decoder of a latent dataset: one replica with an expert replica's CPUs and
+        GPUs (it decodes every request's final batch at full resolution)."""
+        return {
+            "name": "decoder",
+            "num_replicas": 1,
+            "ray_actor_options": {
+                "num_cpus": self.expert_num_cpus,
+                "num_gpus": self.expert_num_gpus,
+            },
+            "health_check_period_s": self.health_check_period_s,
+        }
+
     def router_options(self) -> dict:
         return {
             "name": "router",

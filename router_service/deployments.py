@@ -1,7 +1,8 @@
 """The Ray Serve deployments: one `ExpertServer` deployment per expert (`expert-003`,
-its own replicas, `@serve.batch` across requests) and the `RouterServer` ingress (the
-FastAPI app of http_api.py) that owns the router network and the policies, and fans out
-to the experts through the DeploymentHandles it was bound with. app.py builds the graph.
+its own replicas, `@serve.batch` across requests), in a latent dataset the `DecoderServer`
+(the VAE decoder, once per request), and the `RouterServer` ingress (the FastAPI app of
+http_api.py) that owns the router network and the policies, and fans out to the experts
+and the decoder through the DeploymentHandles it was bound with. app.py builds the graph.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import torch
 from ray import serve
 
 from ddm_nodes.dataset_manifest import DatasetManifest
+from ddm_nodes.latents import LatentCodec
 from ddm_nodes.store import open_store
 from router_service import batching
 from router_service.app_config import AppArgs, BatchConfig
 from router_service.http_api import make_api
 from router_service.metrics import ExpertMetrics, RouterMetrics
-from router_service.remote_experts import RemoteExperts
+from router_service.remote_experts import RemoteDecoder, RemoteExperts
 from router_service.service import Admission, SamplingService
 from router_service.store_models import StoreModels, load_expert
 
@@ -69,6 +71,28 @@ class ExpertServer:
         return out
 
 
+@serve.deployment
+class DecoderServer:
+    """A latent dataset's VAE decoder, loaded verified from the store's pinned copy, on the
+    experts' device: final latents -> images, once per request. Decoding runs in a thread,
+    so a replica keeps answering health checks during a long decode."""
+
+    def __init__(self, args: str):
+        cfg = AppArgs.model_validate_json(args)
+        torch.set_num_threads(cfg.torch_threads)
+        s = open_store(cfg.store)
+        manifest = DatasetManifest.load(s)
+        if manifest.latents is None:
+            raise ValueError(f"{cfg.store} holds images, not latents: there is nothing to decode")
+        self.codec = LatentCodec.load(s, manifest.latents, cfg.device)
+
+    async def decode(self, latents: np.ndarray) -> np.ndarray:
+        def run() -> np.ndarray:
+            return self.codec.decode(torch.from_numpy(latents)).cpu().numpy()
+
+        return await asyncio.to_thread(run)
+
+
 _service: SamplingService | None = None  # this replica's; set by RouterServer.__init__
 
 
@@ -94,18 +118,19 @@ api = make_api(current_service)
 class RouterServer:
     """The HTTP ingress: routes every step and fans out to the expert deployments."""
 
-    def __init__(self, args: str, experts: list):
+    def __init__(self, args: str, experts: list, decoder=None):
         cfg = AppArgs.model_validate_json(args)
         torch.set_num_threads(cfg.torch_threads)
         metrics = RouterMetrics()
         remote = RemoteExperts(
             experts, cfg.expert_timeout_s, cfg.expert_retries, cfg.expert_down_for_s, metrics
         )
+        models = StoreModels(cfg.store)
         self.app_name = serve.get_replica_context().app_name
         self._counts: tuple[float, dict[str, int]] = (0.0, {})
         install_service(
             SamplingService(
-                StoreModels(cfg.store),
+                models,
                 remote,
                 cfg.limits,
                 Admission(cfg.max_concurrent_requests, cfg.max_queued_requests),
@@ -113,6 +138,7 @@ class RouterServer:
                 cfg.api_key,
                 self.replica_counts,
                 default_strategy=cfg.default_strategy,
+                decoder=None if decoder is None else RemoteDecoder(decoder, cfg.expert_timeout_s),
             )
         )
 

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from router_service.policies import get_policy
-from router_service.sampler import ExpertUnavailable
+from router_service.sampler import DecoderUnavailable, ExpertUnavailable
 from router_service.schemas import ImagesRequest, RequestError, SampleRequest, parse
 from router_service.service import Overloaded, SamplingService
 
@@ -109,6 +109,11 @@ def make_api(get_service: Callable[[], SamplingService]) -> FastAPI:
             headers = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)}
             message = f"{e} (send on_unavailable: renormalize to sample without it)"
             return error_response(503, "expert_unavailable", message, headers=headers)
+        except DecoderUnavailable as e:
+            status = 503
+            _count_error(service, "decoder_unavailable")
+            headers = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)}
+            return error_response(503, "decoder_unavailable", str(e), headers=headers)
         except Exception as e:  # the service stays up; the client learns what failed
             _count_error(service, "internal")
             return error_response(500, "internal_error", f"{type(e).__name__}: {e}")

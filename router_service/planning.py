@@ -19,6 +19,7 @@ import torch
 
 from router_service.policies import Policy, RoutingError, get_policy
 from router_service.sampler import (
+    Decoder,
     EvaluationStats,
     Experts,
     Models,
@@ -134,8 +135,10 @@ async def run(
     experts: Experts,
     models: Models,
     on_evaluation: Callable[[EvaluationStats], None] | None = None,
+    decoder: Decoder | None = None,
 ) -> SampleResult:
-    """Sample a planned request with `experts` as the backend."""
+    """Sample a planned request with `experts` as the backend; `decoder` (default: the
+    models') turns a latent DDM's final states into images."""
     r = p.request
     labels = None if p.label is None else torch.full((r.n,), p.label, dtype=torch.long)
     return await sample_async(
@@ -150,5 +153,5 @@ async def run(
         features=models.features,
         on_unavailable=r.on_unavailable,
         on_evaluation=on_evaluation,
-        decoder=models.decoder,
+        decoder=decoder or models.decoder,
     )

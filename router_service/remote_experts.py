@@ -1,4 +1,5 @@
-"""The sampler's experts backend over Ray Serve: one DeploymentHandle per expert.
+"""The sampler's backends over Ray Serve: one DeploymentHandle per expert, and the VAE
+decoder's handle in a latent dataset (`RemoteDecoder`).
 
 `predict(k, x_t, t, y)` sends the sub-batch to a replica of expert k's deployment and
 awaits its velocity. Faults, per call:
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from router_service.metrics import RouterMetrics
-from router_service.sampler import ExpertUnavailable
+from router_service.sampler import DecoderUnavailable, ExpertUnavailable
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
@@ -107,3 +108,21 @@ class RemoteExperts:
 
 async def _awaited(response: Any) -> Any:
     return await response
+
+
+class RemoteDecoder:
+    """The sampler's `decoder` over the DecoderServer deployment: latents -> images."""
+
+    def __init__(self, handle: Any, timeout_s: float = 30.0):
+        self.handle, self.timeout_s = handle, timeout_s
+
+    async def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        response = self.handle.decode.remote(latents.detach().cpu().numpy())
+        try:
+            images = await asyncio.wait_for(_awaited(response), self.timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise DecoderUnavailable(
+                f"no decoder replica answered within {self.timeout_s} s"
+            ) from None
+        return torch.from_numpy(images).to(latents.device)

@@ -81,6 +81,10 @@ class ExpertUnavailable(DDMError):
         self.reason = reason
 
 
+class DecoderUnavailable(DDMError):
+    """The VAE decoder of a latent DDM did not answer (the Serve backend raises it)."""
+
+
 class Experts(Protocol):
     """What the sampler needs from a set of experts, local or remote."""
 
@@ -101,7 +105,9 @@ class Features(Protocol):
 class Decoder(Protocol):
     """Final states -> images: a latent DDM's VAE (ddm_nodes.latents.LatentCodec)."""
 
-    def decode(self, states: torch.Tensor) -> torch.Tensor: ...  # -> (N, C, H, W) in [-1, 1]
+    def decode(
+        self, states: torch.Tensor
+    ) -> torch.Tensor | Awaitable[torch.Tensor]: ...  # -> (N, C, H, W) in [-1, 1]
 
 
 class Models(Protocol):
@@ -481,7 +487,7 @@ async def sample_async(
     )
     final = await SOLVERS[solver](velocity, x_T, grid)
     return SampleResult(
-        decoded=None if decoder is None else decoder.decode(final),
+        decoded=None if decoder is None else await _resolve(decoder.decode(final)),
         final=final,
         expert_calls=velocity.calls,
         evaluations=len(velocity.selected),

@@ -25,7 +25,7 @@ from ddm_nodes.pixels import npy_bytes, pngs
 from router_service import planning
 from router_service.metrics import RouterMetrics
 from router_service.policies import get_policy
-from router_service.sampler import EvaluationStats, Experts, SampleResult
+from router_service.sampler import Decoder, EvaluationStats, Experts, SampleResult
 from router_service.schemas import (
     ExpertsResponse,
     ExpertStatus,
@@ -108,8 +108,10 @@ class SamplingService:
         api_key: str | None = None,
         replica_counts: ReplicaCounts | None = None,
         default_strategy: str = planning.DEFAULT_STRATEGY,
+        decoder: Decoder | None = None,
     ):
         self.models = models
+        self.decoder = decoder  # None: the models' own (in-process), if any
         self.experts = experts
         self.limits = limits or Limits()
         self.admission = admission or Admission(max_active=8, max_queued=32)
@@ -134,7 +136,7 @@ class SamplingService:
         async with self.admission.slot() as queued:
             self._report_load()
             try:
-                result = await planning.run(plan, self.experts, self.models, hook)
+                result = await planning.run(plan, self.experts, self.models, hook, self.decoder)
             finally:
                 self._report_load()
         total = time.perf_counter() - start

@@ -94,7 +94,7 @@ def test_clip_features_with_the_euclidean_metric(tmp_path, models):
     assert (m.features.method, m.features.metric, m.features.dims) == ("clip", "euclidean", 32)
     space = FeatureSpace.load(open_store(tmp_path / "store"), m)
     assert space.metric == "euclidean" and not torch.allclose(
-        space.centroids.norm(dim=1), torch.ones(2 * 2)
+        space.centroids.norm(dim=1), torch.ones(K)
     )
 
 
@@ -219,3 +219,17 @@ def test_vae_preset_must_divide_the_image(tmp_path):
     _prepare(root, count=64, clusters=2, image_size=18)
     with pytest.raises(DDMError, match="not divisible by the 4x downsampling of VAE preset vae-s"):
         train_local(TrainConfig(kind="vae", store=str(root), steps=1, preset="vae-s"))
+
+
+def test_readme_says_which_preset_to_use_where():
+    """Every expert preset is in README's tables, and the "which preset where" table names
+    only presets that exist."""
+    import re
+
+    from ddm_nodes.presets import EXPERT_PRESETS, VAE_PRESETS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("Which preset where", 1)[1].split("\n\n", 2)[1]
+    named = set(re.findall(r"`([a-z0-9-]+)`", table))
+    assert named and named <= set(EXPERT_PRESETS) | set(VAE_PRESETS), named
+    assert all(f"`{name}`" in readme for name in EXPERT_PRESETS)

@@ -178,7 +178,7 @@ def test_ddm_serve_answers_rgb_pngs_and_analyze_runs(trained, ray_head, tmp_path
     assert Image.open(report / "samples-top-2.png").mode == "RGB"
 
 
-def test_a_tampered_pinned_vae_is_refused(trained, tmp_path, ddm):
+def test_a_tampered_pinned_vae_is_refused(trained, tmp_path, ddm, ray_head):
     copy = tmp_path / "store"
     shutil.copytree(trained, copy)
     weights = copy / "pretrained/vae/diffusion_pytorch_model.safetensors"
@@ -190,3 +190,8 @@ def test_a_tampered_pinned_vae_is_refused(trained, tmp_path, ddm):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "is corrupted or was replaced" in lines[0], done.stderr
     assert not (tmp_path / "x.png").exists()
+    # the service refuses before deploying anything
+    served = ddm("serve", "--store", str(copy), "--port", str(free_port()), env=ray_head)
+    assert served.returncode == 2, served.stderr[-2000:]
+    lines = served.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pretrained/vae/diffusion_pytorch_model" in lines[0], lines
