@@ -43,7 +43,7 @@ EMBED_BATCH = 64
 class LearnedFeatures(FeatureExtractor):
     """A pretrained vision model's pooled features; nothing is fitted."""
 
-    family: ClassVar[str]  # what the REF is called in messages
+    transformers_class: ClassVar[str]  # the transformers model class REF is loaded as
 
     def __init__(
         self,
@@ -66,7 +66,10 @@ class LearnedFeatures(FeatureExtractor):
         self.std = torch.tensor(processor.get("std", [0.5, 0.5, 0.5])).reshape(1, 3, 1, 1)
 
     @classmethod
-    def model_class(cls) -> type: ...
+    def model_class(cls) -> type:
+        import transformers
+
+        return getattr(transformers, cls.transformers_class)
 
     @classmethod
     def load_ref(
@@ -159,20 +162,10 @@ def _processor_stats(folder: Path) -> dict[str, Any]:
 @register_extractor
 class DINOv2Features(LearnedFeatures):
     method = "dinov2"
-
-    @classmethod
-    def model_class(cls) -> type:
-        from transformers import Dinov2Model
-
-        return Dinov2Model
+    transformers_class = "Dinov2Model"
 
 
 @register_extractor
 class CLIPFeatures(LearnedFeatures):
     method = "clip"
-
-    @classmethod
-    def model_class(cls) -> type:
-        from transformers import CLIPVisionModel
-
-        return CLIPVisionModel
+    transformers_class = "CLIPVisionModel"

@@ -5,7 +5,7 @@ data; the networks are built in experts.py and router_net.py."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,13 +64,18 @@ EXPERT_PRESETS: dict[str, ExpertPreset] = {
 }  # fmt: skip
 
 
-def get_preset(name: str) -> ExpertPreset:
+P = TypeVar("P")
+
+
+def _lookup(registry: dict[str, P], name: str, what: str) -> P:
     try:
-        return EXPERT_PRESETS[name]
+        return registry[name]
     except KeyError:
-        raise DDMError(
-            f"unknown preset {name!r}; expected one of {sorted(EXPERT_PRESETS)}"
-        ) from None
+        raise DDMError(f"unknown {what} {name!r}; expected one of {sorted(registry)}") from None
+
+
+def get_preset(name: str) -> ExpertPreset:
+    return _lookup(EXPERT_PRESETS, name, "preset")
 
 
 class RouterPreset(BaseModel):
@@ -91,12 +96,7 @@ ROUTER_PRESETS: dict[str, RouterPreset] = {
 
 
 def get_router_preset(name: str) -> RouterPreset:
-    try:
-        return ROUTER_PRESETS[name]
-    except KeyError:
-        raise DDMError(
-            f"unknown router preset {name!r}; expected one of {sorted(ROUTER_PRESETS)}"
-        ) from None
+    return _lookup(ROUTER_PRESETS, name, "router preset")
 
 
 class VaePreset(BaseModel):
@@ -129,9 +129,4 @@ VAE_PRESETS: dict[str, VaePreset] = {
 
 
 def get_vae_preset(name: str) -> VaePreset:
-    try:
-        return VAE_PRESETS[name]
-    except KeyError:
-        raise DDMError(
-            f"unknown VAE preset {name!r}; expected one of {sorted(VAE_PRESETS)}"
-        ) from None
+    return _lookup(VAE_PRESETS, name, "VAE preset")

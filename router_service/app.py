@@ -22,7 +22,7 @@ from ddm_nodes.pretrained import verify_pinned
 from ddm_nodes.store import open_store
 from router_service.app_config import AppArgs
 from router_service.deployments import DecoderServer, ExpertServer, RouterServer
-from router_service.store_models import check_experts_present
+from router_service.store_models import check_experts_present, expert_card
 
 APP_NAME = "ddm"
 
@@ -34,6 +34,8 @@ def build_app(args: dict | AppArgs) -> Application:
     store = open_store(cfg.store)
     manifest = DatasetManifest.load(store)
     check_experts_present(store, manifest)
+    for k in range(manifest.num_clusters):  # each trained on its cluster, at the data's shape
+        expert_card(store, manifest, k)
     if manifest.features.model is not None:
         verify_pinned(store, manifest.features.model, "the feature extractor")
     if manifest.latents is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -230,6 +231,35 @@ def ray_head(tmp_path_factory):
     finally:
         down = run_ddm("cluster", "down", env=env)
         assert down.returncode == 0, down.stderr
+
+
+@contextlib.contextmanager
+def ddm_serving(store: str | Path, env: dict, folder: Path, *args: str) -> Iterator[str]:
+    """`ddm serve --store STORE ARGS` in the foreground as a user runs it, on a free port;
+    yields its URL once it says it is serving; SIGINT stops it."""
+    port = free_port()
+    log_path = folder / "serve.log"
+    exe = str(Path(sys.executable).with_name("ddm"))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [exe, "serve", "--store", str(store), "--port", str(port), *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while f"serving {store} at" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "ddm serve did not start within 300 s"
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def build_tiny_ddm(root: str | Path, clusters: int, image_size: int, router_lr=1e-3) -> str:

@@ -72,7 +72,14 @@ def test_unet_presets_exist_with_one_attention_flag_per_level(name):
 
 
 def test_the_preset_set_is_the_documented_one():
-    assert set(EXPERT_PRESETS) == {"unet-tiny", "unet-s", "dit-tiny", "dit-s", "dit-b"}
+    dits = {"dit-tiny", "dit-s", "dit-s-4", "dit-b", "dit-b-4", "dit-b-8", "dit-l", "dit-xl"}
+    assert set(EXPERT_PRESETS) == {"unet-tiny", "unet-s"} | dits
+    # DiT-S/B/L/XL as Peebles & Xie define them (width, depth, heads); dit-b is DiT-B/2
+    sizes = {"dit-s": (384, 12, 6), "dit-b": (768, 12, 12), "dit-l": (1024, 24, 16)}
+    sizes["dit-xl"] = (1152, 28, 16)
+    for name, (width, depth, heads) in sizes.items():
+        p = EXPERT_PRESETS[name]
+        assert (p.width, p.depth, p.heads, p.patch_size) == (width, depth, heads, 2)
 
 
 def test_dit_tiny_has_about_a_million_parameters():

@@ -553,9 +553,10 @@ def test_the_app_arguments_reach_every_replica_whole(store, monkeypatch):
     for options, (args_json, k) in experts.bound:
         assert AppArgs.model_validate_json(args_json) == given
         assert options == given.expert_options(k)
-    ((options, (args_json, handles)),) = router.bound
+    ((options, (args_json, handles, decoder)),) = router.bound
     assert AppArgs.model_validate_json(args_json) == given
     assert options == given.router_options() and len(handles) == K
+    assert decoder is None  # a pixel-space store: nothing to decode
 
 
 def test_expert_replica_batches_concurrent_sub_batches_at_different_steps(

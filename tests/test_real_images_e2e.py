@@ -10,15 +10,11 @@ import base64
 import io
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import ddm_serving, free_port
 from PIL import Image
 from tiny_models import save_dinov2, save_vae
 
@@ -123,23 +119,7 @@ def test_ddm_sample_decodes_to_rgb_pngs(trained, tmp_path, ddm):
 
 
 def test_ddm_serve_answers_rgb_pngs_and_analyze_runs(trained, ray_head, tmp_path, ddm):
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    exe = str(Path(sys.executable).with_name("ddm"))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [exe, "serve", "--store", str(trained), "--port", str(port)],
-            env=ray_head,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while f"serving {trained} at" not in log_path.read_text():
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "ddm serve did not start within 300 s"
-            time.sleep(1)
+    with ddm_serving(trained, ray_head, tmp_path) as url:
         for strategy in ("top-2", "nearest-centroid"):
             body = {"n": 2, "steps": 3, "strategy": strategy, "seed": 1, "format": "png"}
             reply = httpx.post(f"{url}/v1/samples", json=body, timeout=120)
@@ -152,12 +132,6 @@ def test_ddm_serve_answers_rgb_pngs_and_analyze_runs(trained, ray_head, tmp_path
             f"{url}/v1/images/generations", json={"prompt": "x", "size": "16x16"}, timeout=60
         )
         assert wrong.status_code == 422 and "32x32" in wrong.json()["error"]["message"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
     report = tmp_path / "report"
     done = ddm(

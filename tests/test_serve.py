@@ -14,7 +14,6 @@ import base64
 import json
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import build_tiny_ddm, free_port
+from conftest import build_tiny_ddm, ddm_serving, free_port
 
 from cluster_jobs.analysis.sampling import run_remote_sample, run_sample, sample_request
 from ddm_nodes.checkpoint import WEIGHTS_FILE
@@ -62,28 +61,8 @@ def served(ray_head, store, tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
     config = folder / "app.json"
     config.write_text(json.dumps(APP_CONFIG))
-    port = free_port()
-    log = open(folder / "serve.log", "w")
-    ddm = str(Path(sys.executable).with_name("ddm"))
-    cmd = [ddm, "serve", "--store", store, "--port", str(port), "--config", str(config)]
-    proc = subprocess.Popen(
-        [*cmd, "--api-key", API_KEY], env=ray_head, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    try:
-        while f"serving {store} at" not in (folder / "serve.log").read_text():
-            assert proc.poll() is None, (folder / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "ddm serve did not start within 300 s"
-            time.sleep(1)
+    with ddm_serving(store, ray_head, folder, "--config", str(config), "--api-key", API_KEY) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

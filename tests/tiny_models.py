@@ -12,21 +12,10 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-def save_dinov2(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
-    """A 2-layer DINOv2 (hidden 32) and its image processor (crop = `image_size`)."""
-    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
-
-    torch.manual_seed(seed)
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        image_size=image_size,
-    )
-    Dinov2Model(config).save_pretrained(folder, safe_serialization=True)
-    BitImageProcessorPil(
+def _save_vision(folder, model, processor, image_size: int) -> Path:
+    """A tiny vision tower and its image processor (crop = `image_size`)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    processor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_mean=IMAGENET_MEAN,
@@ -35,25 +24,25 @@ def save_dinov2(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
     return Path(folder)
 
 
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def save_dinov2(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A 2-layer DINOv2 (hidden 32, patch 8) and its image processor."""
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(patch_size=8, image_size=image_size, **TINY))
+    return _save_vision(folder, model, BitImageProcessorPil, image_size)
+
+
 def save_clip(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
-    """A 2-layer CLIP vision tower (hidden 32) and its image processor."""
+    """A 2-layer CLIP vision tower (hidden 32, patch 8) and its image processor."""
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        patch_size=8,
-        image_size=image_size,
-    )
-    CLIPVisionModel(config).save_pretrained(folder, safe_serialization=True)
-    CLIPImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-    ).save_pretrained(folder)
-    return Path(folder)
+    model = CLIPVisionModel(CLIPVisionConfig(patch_size=8, image_size=image_size, **TINY))
+    return _save_vision(folder, model, CLIPImageProcessorPil, image_size)
 
 
 def save_vae(folder: Path, channels: int = 3, seed: int = 0) -> Path:
