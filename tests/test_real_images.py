@@ -201,6 +201,10 @@ def test_ddm_train_vae_then_latents_from_the_store(tmp_path):
     train_local(TrainConfig(kind="expert", cluster=1, preset="dit-tiny", steps=2, **common))
     with pytest.raises(ManifestError, match="makes 3x32x32 states but the dataset's latents"):
         LocalExperts(root)  # expert 0 was trained on pixels: refused, naming the fix
+    from router_service.app import build_app
+
+    with pytest.raises(ManifestError, match="makes 3x32x32 states"):
+        build_app({"store": str(root)})  # `ddm serve` refuses before deploying anything
 
     for k in range(2):  # --restart: the pixel expert's checkpoints are of another shape
         cfg = TrainConfig(kind="expert", cluster=k, preset="dit-tiny", steps=2, **common)
