@@ -45,20 +45,24 @@ def save_clip(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
     return _save_vision(folder, model, CLIPImageProcessorPil, image_size)
 
 
-def save_vae(folder: Path, channels: int = 3, seed: int = 0) -> Path:
-    """A 2-level AutoencoderKL (32x32 -> 16x16x4), SD's scaling factor in its config."""
+def save_vae(folder: Path, channels: int = 3, seed: int = 0, sd_shape: bool = False) -> Path:
+    """A 2-level AutoencoderKL (32x32 -> 16x16x4), SD's scaling factor in its config; with
+    `sd_shape`, Stable Diffusion's VAE architecture (256x256 -> 32x32x4, 84 M parameters,
+    random weights: its compute, not its pictures) for benchmarks."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
+    size = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2}
+    if not sd_shape:
+        size = {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8}
+        size["mid_block_add_attention"] = False
+    levels = len(size["block_out_channels"])
     AutoencoderKL(
         in_channels=channels,
         out_channels=channels,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
         latent_channels=4,
-        norm_num_groups=8,
-        mid_block_add_attention=False,
+        **size,
     ).save_pretrained(folder, safe_serialization=True)
     return Path(folder)
