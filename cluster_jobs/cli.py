@@ -162,13 +162,21 @@ def cluster_up(
     dashboard_agent_listen_port: Annotated[
         int | None, typer.Option(help="the job agent's HTTP port (default: a free one)")
     ] = None,
+    nodes: Annotated[
+        int,
+        typer.Option(
+            help="nodes: the head and N-1 worker nodes (separate raylets on loopback, each "
+            "with --num-cpus CPUs and the resource ddm-node-<i>)"
+        ),
+    ] = 1,
 ) -> None:
-    """Start a local Ray head (127.0.0.1, token auth); prints its addresses as JSON."""
+    """Start a local Ray head (127.0.0.1, token auth), and with --nodes N worker nodes
+    beside it; prints the addresses as JSON."""
     from cluster_jobs.ops.local_cluster import up
 
     info = up(
         num_cpus, port, dashboard_port, metrics_export_port,
-        dashboard_agent_listen_port=dashboard_agent_listen_port,
+        dashboard_agent_listen_port=dashboard_agent_listen_port, nodes=nodes,
     )  # fmt: skip
     print(info.model_dump_json())
 

@@ -1,4 +1,7 @@
-"""`ddm cluster up|down`: a local Ray head on loopback for the embedded default.
+"""`ddm cluster up|down`: a local Ray head on loopback for the embedded default, and with
+`--nodes N` N-1 worker nodes beside it: each a separate raylet (`ray start --address ...
+--block`) with its own temp dir, CPUs and a node resource `ddm-node-<i>` that places work
+on it, so that a multi-node cluster, and the loss of a node, can be tried on one machine.
 
 The head binds its node address and dashboard to 127.0.0.1 and runs with token auth:
 the token lives in the cluster's state folder (`~/.ddm/cluster/auth_token`, or
@@ -6,9 +9,9 @@ the token lives in the cluster's state folder (`~/.ddm/cluster/auth_token`, or
 the token path, so head and clients always agree on `RAY_AUTH_MODE`. Raw `ray` commands
 need the same two variables; `ddm cluster env` prints them.
 
-The head runs as `ray start --head --block` in its own process group, and its PID is
-recorded: `down` stops exactly that head (SIGTERM: Ray's node stops its processes), so
-other Ray heads of the same user on the machine keep running.
+The head and every worker node run as `ray start ... --block` in their own process groups,
+and their PIDs are recorded: `down` stops exactly those (SIGTERM: Ray's node stops its
+processes; workers first), so other Ray clusters of the same user on the machine keep running.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -32,6 +36,27 @@ from ddm_nodes.errors import DDMError
 DEFAULT_DIR = Path("~/.ddm/cluster")
 
 
+class WorkerNode(BaseModel):
+    """A worker node `up --nodes` started beside the head."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int  # 1..N-1; the head is node 0
+    pid: int  # of its `ray start --address ... --block`
+    num_cpus: int
+    temp_dir: str  # its own (short: Ray's unix socket paths must stay under 108 bytes)
+    metrics_export_port: int
+
+    @property
+    def resource(self) -> str:
+        return node_resource(self.index)
+
+
+def node_resource(index: int) -> str:
+    """The custom resource that places work on node `index` (0: the head)."""
+    return f"ddm-node-{index}"
+
+
 class ClusterInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +66,7 @@ class ClusterInfo(BaseModel):
     token_path: str
     num_cpus: int
     pid: int | None = None  # of `ray start --head --block`; None: a head ddm did not start
+    workers: list[WorkerNode] = []
 
     def env(self) -> dict[str, str]:
         """What Ray's clients need to talk to this head: ray.init (`serve run`, scripts)
@@ -99,12 +125,21 @@ def up(
     metrics_export_port: int = 8080,
     timeout_s: float = 180,
     dashboard_agent_listen_port: int | None = None,
+    nodes: int = 1,
 ) -> ClusterInfo:
-    """Start the head (or return the running one). The job agent's port is free-chosen by
-    default: Ray's fixed 52365 makes a second head on the machine start without a job agent,
-    and every job submitted to it fails with "No available agent"."""
+    """Start the head (or return the running one) and `nodes - 1` worker nodes, each with
+    `num_cpus` CPUs. The job agent's port is free-chosen by default: Ray's fixed 52365 makes
+    a second head on the machine start without a job agent, and every job submitted to it
+    fails with "No available agent"."""
+    if nodes < 1:
+        raise DDMError(f"--nodes {nodes}: a cluster has at least its head")
     info = load_info()
     if info is not None and _dashboard_up(info.dashboard_url):
+        if 1 + len(info.workers) != nodes:
+            raise DDMError(
+                f"a local cluster of {1 + len(info.workers)} node(s) is already up; "
+                "`ddm cluster down` first to start one of another size"
+            )
         return info
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -124,7 +159,7 @@ def up(
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--metrics-export-port", str(metrics_export_port), "--num-cpus", str(info.num_cpus),
         "--dashboard-agent-listen-port", str(dashboard_agent_listen_port or free_port()),
-        "--disable-usage-stats",
+        "--resources", json.dumps({node_resource(0): 1}), "--disable-usage-stats",
     ]  # fmt: skip
     env = {**os.environ, **info.env()}
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS"):
@@ -159,7 +194,63 @@ def up(
             )
         time.sleep(0.5)
     (folder / "cluster.json").write_text(info.model_dump_json(indent=2))
+    try:
+        for index in range(1, nodes):
+            info.workers.append(_start_worker(info, index, env, folder))
+            (folder / "cluster.json").write_text(info.model_dump_json(indent=2))
+        _wait_for_nodes(info, env, nodes, deadline)
+    except BaseException:
+        down()
+        raise
     return info
+
+
+def _start_worker(info: ClusterInfo, index: int, env: dict, folder: Path) -> WorkerNode:
+    """`ray start --address HEAD --block` for worker node `index`, in its own process group."""
+    node = WorkerNode(
+        index=index,
+        pid=0,
+        num_cpus=info.num_cpus,
+        temp_dir=tempfile.mkdtemp(prefix=f"ddm-n{index}-"),
+        metrics_export_port=free_port(),
+    )
+    cmd = [
+        _ray_cli(), "start", "--address", info.gcs_address, "--node-ip-address", "127.0.0.1",
+        "--num-cpus", str(node.num_cpus), "--resources", json.dumps({node.resource: 1}),
+        "--temp-dir", node.temp_dir, "--metrics-export-port", str(node.metrics_export_port),
+        "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats", "--block",
+    ]  # fmt: skip
+    with open(folder / f"node-{index}.log", "wb") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    return node.model_copy(update={"pid": proc.pid})
+
+
+def _wait_for_nodes(info: ClusterInfo, env: dict, nodes: int, deadline: float) -> None:
+    """Until Ray lists `nodes` alive nodes (`ray list nodes`, through the head's API)."""
+    if nodes == 1:
+        return
+    client = {**env, **info.env()}
+    while True:
+        out = subprocess.run(
+            [_ray_cli(), "list", "nodes", "--format", "json", "--address", info.dashboard_url],
+            env=client, capture_output=True, text=True,
+        )  # fmt: skip
+        alive = 0
+        if out.returncode == 0:
+            alive = sum(n["state"] == "ALIVE" for n in json.loads(out.stdout or "[]"))
+        if alive >= nodes:
+            return
+        for node in info.workers:
+            if not processes.alive(node.pid):
+                raise DDMError(
+                    f"worker node {node.index} exited; see {state_dir() / f'node-{node.index}.log'}"
+                )
+        if time.monotonic() > deadline:
+            raise DDMError(f"only {alive} of {nodes} nodes came up; the cluster was stopped")
+        time.sleep(1)
 
 
 def down() -> bool:
@@ -167,6 +258,9 @@ def down() -> bool:
     info = load_info()
     if info is None:
         return False
+    for node in info.workers:  # before the head, so they do not outlive their GCS
+        processes.stop(node.pid, grace_s=30, group=True)
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
     if info.pid is not None:
         processes.stop(info.pid, grace_s=30, group=True)
     else:  # a cluster.json from before heads were tracked by PID
