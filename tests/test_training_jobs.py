@@ -100,6 +100,9 @@ def test_two_experts_train_in_isolation(ray_head, store, ddm):
         ran = loaded.training["config"]
         assert ran["warmup_steps"] == 3 and ran["weight_decay"] == pytest.approx(0.02, rel=0)
         assert (ran["preset"], ran["batch_size"], ran["cluster"]) == ("dit-tiny", 16, k)
+        # which node wrote it: the one-node cluster's head (`ddm cluster up` names it node 0)
+        assert loaded.training["node"]["ddm_node"] == "ddm-node-0"
+        assert len(loaded.training["node"]["node_id"]) == 56
         logs = job_logs(ray_head, sid)
         read = {
             line.split("/shards/")[1].split("/")[0]

@@ -79,14 +79,16 @@ def save_training_checkpoint(
     loss: float | None,
     *,
     final: bool,
+    node: dict | None = None,
 ) -> str:
-    """Rank 0 only. Returns the prefix written."""
+    """Rank 0 only. Returns the prefix written; `node`: the Ray node rank 0 runs on."""
     prefix = cfg.prefix if final else _step_prefix(cfg, state.step)
     training = {
         "config": cfg.model_dump(),
         "model": task.spec_json(),
         "kind": cfg.kind,
         "config_hash": cfg.config_hash(),
+        "node": node,
     }
     if final and hasattr(task, "evaluate"):  # e.g. the featnet's held-out accuracy
         training["evaluation"] = task.evaluate(

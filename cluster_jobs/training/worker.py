@@ -53,6 +53,8 @@ class Reporter(Protocol):
 
     def progress(self, cfg: TrainConfig, loss: float, rate: float, state: TrainState) -> None: ...
 
+    def node(self) -> dict | None: ...  # where this rank runs, for training.json
+
 
 class RayReporter:
     """Ray Train: checkpoints are reported (every rank reports; rank 0 attaches the pointer)
@@ -89,6 +91,16 @@ class RayReporter:
             Path(d, "pointer.json").write_text(json.dumps(pointer))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    def node(self) -> dict | None:
+        """This rank's Ray node: its id and its `ddm-node-<i>` resource (`ddm cluster up
+        --nodes`), so a job's checkpoint says which node wrote it."""
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        resources = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id), {})
+        named = sorted(r for r in resources if r.startswith("ddm-node-"))
+        return {"node_id": node_id, "ddm_node": named[0] if named else None}
+
     def progress(self, cfg: TrainConfig, loss: float, rate: float, state: TrainState) -> None:
         self.loss.set(loss, self.tags)
         self.rate.set(rate, self.tags)
@@ -110,6 +122,9 @@ class LocalReporter:
 
     def progress(self, cfg: TrainConfig, loss: float, rate: float, state: TrainState) -> None:
         pass
+
+    def node(self) -> dict | None:
+        return None
 
 
 class Worker:
@@ -228,6 +243,7 @@ class Worker:
             state,
             loss,
             final=final,
+            node=self.reporter.node(),
         )
         metrics["prefix"] = prefix
         self.reporter.report(metrics, {"prefix": prefix, "step": state.step})
