@@ -124,8 +124,6 @@ def main() -> None:
 
     report = {
         "benchmark": "prepare",
-        "dataset": args.dataset,
-        "clusters": args.clusters,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,6 +132,7 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     gray = dict(dataset=args.dataset, clusters=args.clusters)
+    report.update(gray)  # what the local and S3 runs below prepare
     with tempfile.TemporaryDirectory() as tmp:
         report["local"] = child(store=os.path.join(tmp, "store"), **gray)
 
