@@ -84,9 +84,21 @@ def prepare(
     heldout: Annotated[float, typer.Option(help="held-out fraction, stratified by cluster")] = 0.1,
     image_size: Annotated[int | None, typer.Option(help="resize images to N x N")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a dataset already in the store")] = False,
+    engine: Annotated[
+        Literal["local", "ray"],
+        typer.Option(
+            help="local: this process and a process pool; ray: Ray Data on the current Ray "
+            "cluster (`ddm cluster up`, RAY_ADDRESS), else a local Ray"
+        ),
+    ] = "local",
+    fit_sample: Annotated[
+        int | None,
+        typer.Option(help="images PCA and k-means are fitted on (default: 256 per cluster)"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
-    """Cluster a data set and write per-cluster WebDataset shards into a store."""
+    """Cluster a data set and write per-cluster WebDataset shards into a store, streaming:
+    memory depends on batch, shard and fitting-sample sizes, not on the data set's."""
     from cluster_jobs.data.prepare import PrepareConfig
     from cluster_jobs.data.prepare import prepare as run_prepare
 
@@ -106,6 +118,8 @@ def prepare(
         heldout_fraction=heldout,
         image_size=image_size,
         overwrite=overwrite,
+        engine=engine,
+        fit_sample=fit_sample,
     )
     with _progress(disable=as_json or not sys.stderr.isatty()) as report:
         result = run_prepare(cfg, report)
@@ -125,6 +139,9 @@ def prepare(
         if m.latents is None
         else {"vae": m.latents.vae.ref, "shape": list(m.latents.shape)},
         "shards": sum(len(c.shards) for c in m.train + m.heldout),
+        "engine": cfg.engine,
+        "parts": result.sizes["parts"],
+        "write_nodes": result.sizes["write_nodes"],
         "seconds": result.seconds,
     }
     if as_json:

@@ -26,8 +26,11 @@ Split = Literal["train", "heldout"]
 SPLIT_PREFIX: dict[str, str] = {"train": "shards", "heldout": "heldout"}
 
 
-def shard_key(split: Split, cluster: int, index: int) -> str:
-    return f"{SPLIT_PREFIX[split]}/cluster-{cluster:03d}/shard-{index:06d}.tar"
+def shard_key(split: Split, cluster: int, index: int, part: int | None = None) -> str:
+    """Where a cluster's shard lives; `part` names the prepare task that wrote it, since
+    tasks write the shards of every cluster in parallel."""
+    name = f"shard-{index:06d}" if part is None else f"shard-{part:05d}-{index:05d}"
+    return f"{SPLIT_PREFIX[split]}/cluster-{cluster:03d}/{name}.tar"
 
 
 class _Strict(BaseModel):

@@ -85,9 +85,24 @@ class FeatureExtractor(ABC):
     def dims(self) -> int: ...
 
 
+def _gram_pca(x: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Exact PCA of N < P rows through the N x N Gram matrix: O(N^2 P), where the covariance
+    costs O(P^3) (a 2,048-image sample of 64x64 RGB: 4 s instead of 10 minutes). Signs as
+    scikit-learn's svd_flip: each component's largest-magnitude entry is positive."""
+    mean = x.mean(axis=0, dtype=np.float64)
+    xc = x.astype(np.float64) - mean
+    values, vectors = np.linalg.eigh(xc @ xc.T)  # ascending
+    top = np.argsort(values)[::-1][:dims]
+    values, vectors = np.clip(values[top], 1e-12, None), vectors[:, top]
+    components = (xc.T @ vectors / np.sqrt(values)).T  # (dims, P), unit rows
+    peak = np.abs(components).argmax(axis=1)
+    components *= np.sign(components[np.arange(len(components)), peak])[:, None]
+    return mean, components, float(values.sum() / max((xc * xc).sum(), 1e-12))
+
+
 @register_extractor
 class PCAFeatures(FeatureExtractor):
-    """PCA of the flattened pixels (scikit-learn's exact covariance solver: deterministic)."""
+    """PCA of the flattened pixels (scikit-learn's exact solvers: deterministic)."""
 
     method = "pca"
 
@@ -102,13 +117,18 @@ class PCAFeatures(FeatureExtractor):
 
         x = images.reshape(len(images), -1).float().numpy()
         dims = min(dims, x.shape[0], x.shape[1])
-        # covariance_eigh costs O(P^3) once, independent of N: the fast exact choice for
-        # many small images, and free of randomised-solver noise.
-        pca = PCA(n_components=dims, svd_solver="covariance_eigh", random_state=seed).fit(x)
+        if x.shape[0] < x.shape[1]:
+            mean, components, explained = _gram_pca(x, dims)
+        else:
+            # covariance_eigh costs O(P^3) once, independent of N: exact, and free of
+            # randomised-solver noise
+            pca = PCA(n_components=dims, svd_solver="covariance_eigh", random_state=seed).fit(x)
+            mean, components = pca.mean_, pca.components_
+            explained = float(pca.explained_variance_ratio_.sum())
         return cls(
-            torch.from_numpy(pca.mean_.astype(np.float32)),
-            torch.from_numpy(pca.components_.astype(np.float32)),
-            float(pca.explained_variance_ratio_.sum()),
+            torch.from_numpy(mean.astype(np.float32)),
+            torch.from_numpy(components.astype(np.float32)),
+            explained,
         )
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

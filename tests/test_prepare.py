@@ -7,18 +7,21 @@ import io
 import json
 import shutil
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cluster_jobs.data.clustering import cluster_images, heldout_mask
+from cluster_jobs.data.clustering import Clustering, cluster_images, heldout_mask
+from cluster_jobs.data.passes import fit_indices, nearest
 from cluster_jobs.data.prepare import PrepareConfig, prepare
 from cluster_jobs.data.shards import cluster_dataset, clusters_dataset
 from ddm_nodes.dataset_manifest import FEATURES_KEY, MANIFEST_KEY, DatasetManifest
 from ddm_nodes.errors import DDMError, IntegrityError
 from ddm_nodes.features import FeatureSpace
+from ddm_nodes.pixels import to_model_range
 from ddm_nodes.store import LocalStore
 
 
@@ -83,11 +86,27 @@ def test_every_shard_matches_its_sha256(prepared_digits):
     assert hashlib.sha256(features).hexdigest() == manifest.features.sha256
 
 
+@dataclass(frozen=True)
+class Expected:
+    fitted: Clustering  # on the fitting sample
+    assignments: np.ndarray  # every image's nearest centroid
+    costs: np.ndarray
+
+
 @pytest.fixture(scope="module")
 def expected(prepared_digits, digits_set):
-    """The clustering prepare should have used, computed again here from the source."""
+    """The clustering prepare should have used, computed again here from the source: fitted
+    on the seeded sample (256 per cluster: a strict subset of digits' 1,797 at K=4), then
+    every image assigned to its nearest centroid."""
     cfg, _ = prepared_digits
-    return cluster_images(digits_set.images, cfg.clusters, cfg.features, cfg.feature_dims, cfg.seed)
+    sample = fit_indices(np.arange(len(digits_set)), cfg.clusters, None, cfg.seed)
+    assert len(sample) == 256 * cfg.clusters < len(digits_set)
+    fitted = cluster_images(
+        digits_set.images[sample], cfg.clusters, cfg.features, cfg.feature_dims, cfg.seed
+    )
+    z = fitted.space.embed(to_model_range(digits_set.images)).double().numpy()
+    assignments, costs = nearest(z, fitted.centers, fitted.space.metric)
+    return Expected(fitted, assignments, costs)
 
 
 def test_each_cluster_reads_back_exactly_its_images(prepared_digits, digits_set, expected):
@@ -123,13 +142,17 @@ def test_feature_space_in_store_is_the_clustering(prepared_digits, expected):
     cfg, manifest = prepared_digits
     space = FeatureSpace.load(LocalStore(cfg.store), manifest)
     assert space.num_clusters == cfg.clusters
-    # bitwise: prepare ran this same cluster_images on the same pixels in this process, and
-    # the store holds its tensors' bytes (inertia, the one float sum OpenMP may reorder, is
-    # rounded to 6 digits where it is made)
-    assert torch.equal(space.centroids, expected.space.centroids)
-    assert torch.equal(space.extractor.components, expected.space.extractor.components)
-    assert torch.equal(space.extractor.mean, expected.space.extractor.mean)
-    assert manifest.stats == expected.stats
+    # bitwise: prepare ran this same cluster_images on the same sample in this process, and
+    # the store holds its tensors' bytes
+    fitted = expected.fitted.space
+    assert torch.equal(space.centroids, fitted.centroids)
+    assert torch.equal(space.extractor.components, fitted.extractor.components)
+    assert torch.equal(space.extractor.mean, fitted.extractor.mean)
+    stats = manifest.stats
+    assert stats.silhouette == expected.fitted.stats.silhouette  # on the fitting sample
+    assert stats.counts == np.bincount(expected.assignments, minlength=cfg.clusters).tolist()
+    # every image's cost, summed in another order, rounded to 6 digits where it is made
+    assert stats.inertia == pytest.approx(expected.costs.sum(), rel=1e-5)
 
 
 def test_ranks_split_a_cluster_disjointly(prepared_digits):

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from cluster_jobs.data.clustering import cluster_images
+from cluster_jobs.data.prepare import PrepareConfig, prepare
 from cluster_jobs.data.shards import cluster_dataset
 from cluster_jobs.training.config import TrainConfig
 from ddm_nodes.dataset_manifest import DatasetManifest
@@ -19,14 +19,19 @@ K = 4
 
 
 @pytest.mark.integration
-def test_prepare_into_s3_and_read_back_by_cluster(ddm, s3_env, bucket, mnist5k_set):
+def test_prepare_into_s3_and_read_back_by_cluster(ddm, s3_env, bucket, mnist5k_set, tmp_path):
     uri = f"s3://{bucket}/runs/mnist"
     args = ["prepare", "--dataset", "mnist-5k", "--clusters", str(K), "--store", uri, "--json"]
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(ddm, *args, env=s3_env)
-        # meanwhile, the clustering the CLI runs, computed again here (deterministic for the
-        # default seed, 0)
-        assignments = cluster_images(mnist5k_set.images, K, seed=0).assignments
+        # meanwhile, the same prepare into a directory, in this process (deterministic for
+        # the default seed, 0): the store must not change which cluster an image is in
+        local = prepare(PrepareConfig(dataset="mnist-5k", clusters=K, store=str(tmp_path)))
+        assignments = np.full(len(mnist5k_set), -1)
+        for c in range(K):
+            for split in ("train", "heldout"):
+                for s in cluster_dataset(str(tmp_path), c, split, manifest=local.manifest):
+                    assignments[int(s["key"])] = c
         proc = run.result()
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)

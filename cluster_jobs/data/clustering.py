@@ -33,6 +33,7 @@ class Clustering:
     space: FeatureSpace
     assignments: np.ndarray  # (N,) int64 cluster id per image
     stats: ClusterStats
+    centers: np.ndarray  # (K, D) float64: the centroids as k-means left them
 
 
 def make_extractor(
@@ -115,6 +116,7 @@ def cluster_images(
             # 6 significant digits: the raw float sum varies with OpenMP's summation order
             inertia=float(f"{inertia:.6g}"),
         ),
+        centers=np.asarray(centers, np.float64),
     )
 
 

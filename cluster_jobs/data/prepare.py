@@ -1,5 +1,6 @@
 """`ddm prepare`: data -> features -> k-means -> [VAE latents] -> per-cluster WebDataset
-shards in a store.
+shards in a store, streamed (passes.py): memory depends on the batch, shard and fitting
+sample sizes, not on the number of images.
 
 Every model the dataset depends on (a learned feature extractor, a VAE) is loaded before
 anything in the store changes, so a bad REF fails with nothing written, and is pinned into
@@ -24,10 +25,19 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from threadpoolctl import threadpool_limits
 
 from cluster_jobs.data.clustering import cluster_images, heldout_mask
-from cluster_jobs.data.shards import write_cluster_shards
-from cluster_jobs.data.sources import load_source
+from cluster_jobs.data.passes import (
+    Centroids,
+    WritePlan,
+    assign_part,
+    fit_indices,
+    part_size,
+    read_sample,
+    write_part,
+)
+from cluster_jobs.data.sources import Part, Source, open_source
 from ddm_nodes.dataset_manifest import (
     FEATURES_KEY,
     MANIFEST_KEY,
@@ -35,6 +45,7 @@ from ddm_nodes.dataset_manifest import (
     ClusterShards,
     DatasetManifest,
     FeatureSpec,
+    ShardEntry,
 )
 from ddm_nodes.errors import DDMError
 from ddm_nodes.names import PRETRAINED_FOLDER
@@ -77,14 +88,26 @@ class PrepareConfig(BaseModel):
     workers: int = Field(
         default_factory=lambda: os.cpu_count() or 1,
         ge=1,
-        description="processes that encode and write shards",
+        description="processes that encode and write shards (local engine)",
+    )
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="local: this process and a process pool; ray: Ray Data on the current "
+        "Ray cluster (`ddm cluster up`, RAY_ADDRESS), else a local Ray",
+    )
+    fit_sample: int | None = Field(
+        None,
+        ge=2,
+        description="images the feature transform and k-means are fitted on "
+        "(default 256 per cluster)",
     )
 
 
 @dataclass
 class PrepareResult:
     manifest: DatasetManifest
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase, and the total
+    sizes: dict[str, int] = field(default_factory=dict)  # images, parts, write_nodes
 
 
 def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> PrepareResult:
@@ -97,14 +120,28 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> PrepareResu
             f"store {store.uri} already holds a prepared dataset; pass --overwrite to replace it"
         )
 
-    progress("load", 0, 1)
-    data = load_source(cfg.dataset, cfg.image_size, count=cfg.count, seed=cfg.seed)
-    clock.lap("load")
+    progress("scan", 0, 1)
+    source = open_source(cfg.dataset, cfg.image_size, count=cfg.count, seed=cfg.seed)
+    if not 2 <= cfg.clusters <= len(source):
+        raise DDMError(
+            f"--clusters {cfg.clusters} is out of range: use 2 <= K <= {len(source)} "
+            "(the number of images)"
+        )
     codec = _vae(cfg, store) if cfg.latents else None
-    latent_shape = None if codec is None else codec.latent_shape(data.images.shape[1:])
-    progress("cluster", 0, 1)
+    latent_shape = None if codec is None else codec.latent_shape(source.image_shape)
+    parts = source.parts(part_size(cfg.clusters, cfg.shard_size), cfg.seed)
+    engine = _engine(cfg)
+    clock.lap("scan")
+
+    wanted = fit_indices(source.kept, cfg.clusters, cfg.fit_sample, cfg.seed)
+    got = [engine.sample(source, parts, wanted, progress)]
+    order = np.argsort(got[0][0], kind="stable")
+    sample_images = got[0][1][order]
+    del got
+    clock.lap("sample")
+    progress("fit", 0, 1)
     clustering = cluster_images(
-        data.images,
+        sample_images,
         cfg.clusters,
         cfg.features,
         cfg.feature_dims,
@@ -114,49 +151,63 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> PrepareResu
         device=cfg.device,
         batch_size=cfg.batch_size,
     )
-    clock.lap("cluster")
-    latents = None
-    if codec is not None:
-        latents = _encode(codec, data.images, progress)
-        clock.lap("encode")
-    held = heldout_mask(clustering.assignments, cfg.heldout_fraction, cfg.seed)
+    del sample_images
+    clock.lap("fit")
+
+    # One small integer per image, by position in source.kept: the whole plan in memory.
+    clusters = np.full(len(source), -1, np.int64)
+    inertia = 0.0
+    centroids = Centroids(clustering.space, clustering.centers)
+    for idx, labels, costs in engine.assign(source, parts, centroids, progress):
+        clusters[np.searchsorted(source.kept, idx)] = labels
+        inertia += float(costs.sum())
+    if (clusters < 0).any():
+        raise DDMError(f"{int((clusters < 0).sum())} images were not read back; re-run prepare")
+    counts = np.bincount(clusters, minlength=cfg.clusters)
+    if counts.min() == 0:
+        raise DDMError(
+            f"k-means left {int((counts == 0).sum())} of {cfg.clusters} clusters empty (too few "
+            "distinct images): use fewer --clusters"
+        )
+    clock.lap("assign")
+    held = heldout_mask(clusters, cfg.heldout_fraction, cfg.seed)
 
     # Invalidate first: from here until the new manifest lands, the store has none.
     store.delete([MANIFEST_KEY])
     stale = [k for prefix in SPLIT_PREFIX.values() for k in store.list(prefix + "/")]
     store.delete(stale + [FEATURES_KEY] + store.list(PRETRAINED_FOLDER + "/"))
-
-    # Samples inside a cluster are written in a seeded random order, so a reader's
-    # shuffle buffer starts from mixed data rather than the source's order.
-    rng = np.random.default_rng(cfg.seed)
-    tasks = []
-    for c in range(cfg.clusters):
-        for split, in_split in (("train", ~held), ("heldout", held)):
-            idx = rng.permutation(np.flatnonzero((clustering.assignments == c) & in_split))
-            labels = data.labels[idx].tolist() if data.labels is not None else None
-            keys = [f"{i:08d}" for i in idx]
-            z = None if latents is None else latents[idx]
-            tasks.append((cfg.store, split, c, keys, data.images[idx], labels, cfg.shard_size, z))
-    splits: dict[str, list[ClusterShards]] = {"train": [], "heldout": []}
-    # PNG encoding and tar writing are pure-Python bound: one process per core.
-    with _pool(min(cfg.workers, len(tasks))) as pool:
-        for done, (task, shards) in enumerate(
-            zip(tasks, pool.map(_write_task, tasks), strict=True), 1
-        ):
-            splits[task[1]].append(shards)
-            progress("write shards", done, len(tasks))
+    # pinned before the shards: every writer encodes with the store's verified copy
+    latent_spec = None if codec is None else codec.pin(store, latent_shape)
+    plans = []
+    for part in parts:
+        at = np.searchsorted(source.kept, part.indices)
+        plans.append(WritePlan(clusters[at], held[at]))
+    written: dict[tuple[str, int], list[ShardEntry]] = {}
+    for entries in engine.write(source, parts, plans, latent_spec, progress):
+        for split, c, entry in entries:
+            written.setdefault((split, c), []).append(entry)
+    splits = {
+        split: [
+            ClusterShards(
+                cluster=c,
+                count=sum(e.count for e in written.get((split, c), [])),
+                shards=sorted(written.get((split, c), []), key=lambda e: e.key),
+            )
+            for c in range(cfg.clusters)
+        ]
+        for split in ("train", "heldout")
+    }
     clock.lap("write")
 
     features_sha, features_model = clustering.space.save(store)
-    latent_spec = None if codec is None else codec.pin(store, latent_shape)
-    h, w, ch = data.images.shape[1:]
+    h, w, ch = source.image_shape
     manifest = DatasetManifest(
-        source=data.source,
+        source=source.name,
         image_shape=(h, w, ch),
         channels=ch,
-        count=len(data),
+        count=len(source),
         num_clusters=cfg.clusters,
-        class_names=data.class_names,
+        class_names=source.class_names,
         features=FeatureSpec(
             method=clustering.space.extractor.method,
             dims=clustering.space.extractor.dims,
@@ -168,13 +219,62 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> PrepareResu
         latents=latent_spec,
         seed=cfg.seed,
         heldout_fraction=cfg.heldout_fraction,
-        stats=clustering.stats,
+        stats=clustering.stats.model_copy(
+            update={
+                "counts": counts.tolist(),
+                "largest_smallest_ratio": float(counts.max() / counts.min()),
+                # 6 significant digits: the float sum's order depends on the parts
+                "inertia": float(f"{inertia:.6g}"),
+            }
+        ),
         train=splits["train"],
         heldout=splits["heldout"],
     )
     manifest.save(store)
     clock.lap("manifest")
-    return PrepareResult(manifest, clock.laps)
+    sizes = {"images": len(source), "parts": len(parts), "write_nodes": len(engine.nodes)}
+    return PrepareResult(manifest, clock.laps, sizes)
+
+
+def _engine(cfg: PrepareConfig):
+    if cfg.engine == "ray":
+        from cluster_jobs.data.ray_engine import RayEngine
+
+        return RayEngine(cfg)
+    return LocalEngine(cfg)
+
+
+class LocalEngine:
+    """This process reads and embeds; a process pool (one per core) writes, since PNG
+    encoding and tar writing are pure-Python bound."""
+
+    def __init__(self, cfg: PrepareConfig):
+        self.cfg = cfg
+        self.nodes = {"this machine"}
+
+    def sample(self, source: Source, parts: list[Part], wanted: np.ndarray, progress: Progress):
+        got = []
+        for done, part in enumerate(parts, 1):
+            got.append(read_sample(source, part, wanted, self.cfg.batch_size))
+            progress("sample", done, len(parts))
+        return np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+
+    def assign(self, source: Source, parts: list[Part], centroids: Centroids, progress: Progress):
+        with threadpool_limits(1, user_api="blas"):
+            for done, part in enumerate(parts, 1):
+                yield assign_part(source, part, centroids, self.cfg.batch_size)
+                progress("assign", done, len(parts))
+
+    def write(self, source, parts, plans, latents, progress: Progress):
+        cfg = self.cfg
+        tasks = [
+            (cfg.store, source, part, plan, cfg.shard_size, cfg.batch_size, latents, cfg.device)
+            for part, plan in zip(parts, plans, strict=True)
+        ]
+        with _pool(min(cfg.workers, len(tasks))) as pool:
+            for done, entries in enumerate(pool.map(_write_task, tasks), 1):
+                yield entries
+                progress("write shards", done, len(tasks))
 
 
 def _vae(cfg: PrepareConfig, store: Store):
@@ -189,21 +289,8 @@ def _vae(cfg: PrepareConfig, store: Store):
     return LatentCodec.from_ref(ref, cfg.device, cfg.batch_size)
 
 
-def _encode(codec, images: np.ndarray, progress: Progress) -> np.ndarray:
-    """Scaled latents (N, c, h, w) float32 of every image, in batches."""
-    from ddm_nodes.pixels import to_model_range
-
-    chunk = 1024
-    out = []
-    for i in range(0, len(images), chunk):
-        out.append(codec.encode(to_model_range(images[i : i + chunk])).numpy())
-        progress("encode latents", min(i + chunk, len(images)), len(images))
-    return np.concatenate(out)
-
-
-def _write_task(task: tuple) -> ClusterShards:
-    store_uri, *args = task
-    return write_cluster_shards(open_store(store_uri), *args)
+def _write_task(task: tuple) -> list:
+    return write_part(*task)
 
 
 @contextlib.contextmanager

