@@ -93,7 +93,10 @@ def prepare(
     ] = "local",
     fit_sample: Annotated[
         int | None,
-        typer.Option(help="images PCA and k-means are fitted on (default: 256 per cluster)"),
+        typer.Option(
+            help="images PCA and k-means are fitted on (default: 256 per cluster, at least "
+            "4 per --feature-dims)"
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:

@@ -99,7 +99,7 @@ def expected(prepared_digits, digits_set):
     on the seeded sample (256 per cluster: a strict subset of digits' 1,797 at K=4), then
     every image assigned to its nearest centroid."""
     cfg, _ = prepared_digits
-    sample = fit_indices(np.arange(len(digits_set)), cfg.clusters, None, cfg.seed)
+    sample = fit_indices(np.arange(len(digits_set)), cfg.clusters, None, cfg.seed, cfg.feature_dims)
     assert len(sample) == 256 * cfg.clusters < len(digits_set)
     fitted = cluster_images(
         digits_set.images[sample], cfg.clusters, cfg.features, cfg.feature_dims, cfg.seed

@@ -66,6 +66,7 @@ def test_fitting_sample_is_seeded_and_bounded_by_k():
     assert not np.array_equal(a, fit_indices(kept, 8, None, seed=2))
     assert len(fit_indices(kept, 8, 5000, seed=1)) == 5000
     np.testing.assert_array_equal(fit_indices(kept[:300], 8, None, seed=1), kept[:300])
+    assert len(fit_indices(kept, 2, None, seed=1, dims=1024)) == 4096  # 4 per PCA dimension
     assert part_size(8, 2000) == 16_000
 
 

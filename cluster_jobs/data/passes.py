@@ -26,14 +26,22 @@ from ddm_nodes.features import FeatureSpace
 from ddm_nodes.pixels import to_model_range
 from ddm_nodes.store import open_store
 
-# The k-means fitting sample, after faiss's rule (at most 256 points per centroid): more
-# moves centroids by less than k-means' own seed-to-seed spread (docs/decisions.md).
+# The fitting sample, after faiss's rule (at most 256 points per centroid): more moves
+# centroids by less than k-means' own seed-to-seed spread (docs/decisions.md). PCA gets at
+# least SAMPLE_PER_DIM images per dimension it keeps.
 SAMPLE_PER_CLUSTER = 256
+SAMPLE_PER_DIM = 4
 
 
-def fit_indices(kept: np.ndarray, k: int, sample: int | None, seed: int) -> np.ndarray:
+def fit_size(k: int, dims: int) -> int:
+    return max(SAMPLE_PER_CLUSTER * k, SAMPLE_PER_DIM * dims)
+
+
+def fit_indices(
+    kept: np.ndarray, k: int, sample: int | None, seed: int, dims: int = 64
+) -> np.ndarray:
     """The sorted source indices the feature transform and k-means are fitted on."""
-    size = min(len(kept), sample or SAMPLE_PER_CLUSTER * k)
+    size = min(len(kept), sample or fit_size(k, dims))
     if size == len(kept):
         return kept
     return np.sort(np.random.default_rng([seed, 2]).choice(kept, size, replace=False))

@@ -99,7 +99,7 @@ class PrepareConfig(BaseModel):
         None,
         ge=2,
         description="images the feature transform and k-means are fitted on "
-        "(default 256 per cluster)",
+        "(default: 256 per cluster, at least 4 per --feature-dims)",
     )
 
 
@@ -133,7 +133,7 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> PrepareResu
     engine = _engine(cfg)
     clock.lap("scan")
 
-    wanted = fit_indices(source.kept, cfg.clusters, cfg.fit_sample, cfg.seed)
+    wanted = fit_indices(source.kept, cfg.clusters, cfg.fit_sample, cfg.seed, cfg.feature_dims)
     got = [engine.sample(source, parts, wanted, progress)]
     order = np.argsort(got[0][0], kind="stable")
     sample_images = got[0][1][order]
