@@ -41,6 +41,11 @@ class RayEngine:
         self.slots = max(1, int(total.get("GPU" if cfg.device == "cuda" else "CPU", 1)))
         self.nodes: set[str] = set()  # the Ray nodes that wrote shards
 
+    def _pool(self, parts: list[Part]):
+        import ray.data
+
+        return ray.data.ActorPoolStrategy(min_size=1, max_size=min(len(parts), self.slots))
+
     def _parts(self, parts: list[Part]):
         import ray.data
 
@@ -55,7 +60,7 @@ class RayEngine:
             _ReadSample,
             batch_size=1,
             num_cpus=1,
-            concurrency=(1, min(len(parts), self.slots)),
+            compute=self._pool(parts),
             fn_constructor_kwargs={
                 "source": ray.put(source),
                 "parts": ray.put(parts),
@@ -81,7 +86,7 @@ class RayEngine:
             batch_size=1,
             num_cpus=1,
             num_gpus=1 if cuda else 0,
-            concurrency=(1, min(len(parts), self.slots)),
+            compute=self._pool(parts),
             fn_constructor_kwargs={
                 "source": ray.put(source),
                 "parts": ray.put(parts),
