@@ -7,32 +7,64 @@ and the whole-data inertia ratio, beside the whole-data fit's own seed-to-seed A
     python bench/fit_sample.py
 """
 
-import json, time, numpy as np
-from sklearn.metrics import adjusted_rand_score as ari
-from cluster_jobs.data.sources import load_source
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score
+
 from cluster_jobs.data.clustering import cluster_images
 from cluster_jobs.data.passes import fit_indices, nearest
+from cluster_jobs.data.sources import ImageSet, load_source
 from ddm_nodes.pixels import to_model_range
-d = load_source("fashion-mnist")
+
 K = 8
-out = {}
-def run(size, seed):
-    idx = fit_indices(np.arange(len(d)), K, size, seed)
-    t = time.time()
-    c = cluster_images(d.images[idx], K, seed=seed)
-    fit_s = time.time() - t
+SEEDS = (0, 1, 2)
+SIZES = (2048, 8192, 16384)
+
+
+def fit_and_assign(data: ImageSet, size: int, seed: int) -> tuple[np.ndarray, float, float]:
+    """(every image's cluster, the whole-data inertia, fit seconds) of a fit on `size`."""
+    idx = fit_indices(np.arange(len(data)), K, size, seed)
+    start = time.perf_counter()
+    fitted = cluster_images(data.images[idx], K, seed=seed)
+    fit_s = time.perf_counter() - start
     labels, costs = [], []
-    for i in range(0, len(d), 8192):
-        z = c.space.embed(to_model_range(d.images[i:i+8192])).double().numpy()
-        l, cost = nearest(z, c.centers, "euclidean"); labels.append(l); costs.append(cost)
+    for i in range(0, len(data), 8192):
+        z = fitted.space.embed(to_model_range(data.images[i : i + 8192])).double().numpy()
+        got, cost = nearest(z, fitted.centers, "euclidean")
+        labels.append(got)
+        costs.append(cost)
     return np.concatenate(labels), float(np.concatenate(costs).sum()), fit_s
-ref = {s: run(len(d), s) for s in (0, 1, 2)}
-for size in (2048, 8192, 16384, len(d)):
-    rows = []
-    for s in (0, 1, 2):
-        labels, inertia, fit_s = ref[s] if size == len(d) else run(size, s)
-        rows.append({"seed": s, "ari_vs_full_same_seed": round(ari(ref[s][0], labels), 4),
-                     "inertia_ratio_vs_full": round(inertia / ref[s][1], 4), "fit_s": round(fit_s, 2)})
-    out[size] = rows
-out["full_seed_to_seed_ari"] = [round(ari(ref[0][0], ref[1][0]), 4), round(ari(ref[0][0], ref[2][0]), 4), round(ari(ref[1][0], ref[2][0]), 4)]
-print(json.dumps(out, indent=1))
+
+
+def main() -> None:
+    data = load_source("fashion-mnist")
+    full = {s: fit_and_assign(data, len(data), s) for s in SEEDS}
+    report: dict = {"by_sample_size": {}}
+    for size in SIZES:
+        rows = []
+        for s in SEEDS:
+            labels, inertia, fit_s = fit_and_assign(data, size, s)
+            rows.append(
+                {
+                    "seed": s,
+                    "ari_vs_full_same_seed": round(adjusted_rand_score(full[s][0], labels), 4),
+                    "inertia_ratio_vs_full": round(inertia / full[s][1], 4),
+                    "fit_s": round(fit_s, 2),
+                }
+            )
+        report["by_sample_size"][size] = rows
+    report["full_fit_s"] = [round(full[s][2], 2) for s in SEEDS]
+    report["full_fit_seed_to_seed_ari"] = [
+        round(adjusted_rand_score(full[a][0], full[b][0]), 4)
+        for a, b in itertools.combinations(SEEDS, 2)
+    ]
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
