@@ -331,22 +331,28 @@ class _Wds(Source):
         self.name, self.image_size = f"wds:{pattern}", image_size
         self._files = list(expand_urls(pattern))
         self._counts: list[int] = []
-        headers, labels = [], []
-        for url in self._files:
-            n = 0
-            for sample in _samples(url, pattern):
-                ext = _image_entry(sample)
-                headers.append(_header(lambda b=sample[ext]: b, _where(sample)))
-                labels.append(int(sample["cls"]) if "cls" in sample else None)
-                n += 1
-            self._counts.append(n)
-        if not headers:
+        scan = {"labelled": True, "top": 0}
+
+        def headers() -> Iterator[tuple[str, tuple[int, int]]]:
+            """Every sample's image header, counting samples per tar and keeping what
+            labels need (whether every sample has one, the largest), never a list."""
+            for url in self._files:
+                self._counts.append(0)
+                for sample in _samples(url, pattern):
+                    ext = _image_entry(sample)
+                    if "cls" in sample:
+                        scan["top"] = max(scan["top"], int(sample["cls"]))
+                    else:
+                        scan["labelled"] = False
+                    self._counts[-1] += 1
+                    yield _header(lambda b=sample[ext]: b, _where(sample))
+
+        self.mode, self.image_shape = _shape_of(headers(), image_size, pattern)
+        if not sum(self._counts):
             raise DDMError(f"no samples in WebDataset shards {pattern!r}; check the URL pattern")
-        self.mode, self.image_shape = _shape_of(iter(headers), image_size, pattern)
-        self.labelled = all(label is not None for label in labels)
-        top = max(labels) if self.labelled else 0
-        self.class_names = [str(i) for i in range(top + 1)] if self.labelled else None
-        self.kept = np.arange(len(headers))
+        self.labelled = bool(scan["labelled"])
+        self.class_names = [str(i) for i in range(scan["top"] + 1)] if self.labelled else None
+        self.kept = np.arange(sum(self._counts))
 
     def parts(self, size: int, seed: int) -> list[Part]:
         out, files, start, first = [], [], 0, 0
@@ -437,6 +443,8 @@ def _shape_of(
     for mode, size in headers:
         gray = gray and mode in GRAY_MODES
         sizes.add(size)
+    if not sizes:
+        return "L", (1, 1, 1)  # no images: the caller says so
     if image_size is None and len(sizes) > 1:
         a, b = sorted(sizes)[:2]
         raise DDMError(
