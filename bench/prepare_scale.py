@@ -7,9 +7,9 @@ the Ray head that `ddm cluster up` started for the run and everything under it),
 the driver's and the biggest worker's peaks grow from N/4 to N (the answer should be ~1x).
 
 moto holds every object in its own memory; its RSS is reported apart, it is not ours.
-`--features pca` (the command's default) fits an exact PCA on 64*64*3 = 12288 pixel dims: a
-covariance eigendecomposition whose time and memory depend on the dims, not on N (minutes
-and GBs on 2 cores); `--features pixels` measures the rest of the pipeline without it.
+`--features pca` (the command's default) fits PCA on the fitting sample (256 images per
+cluster), whatever N is.
+
     python bench/prepare_scale.py [--n 200000] [--engines local,ray] [--clusters 8]
         [--features pca] [--keep] [--out FILE]
 """
