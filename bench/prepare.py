@@ -15,13 +15,14 @@ import json
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from cluster_jobs.ops.s3_server import moto_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,26 +91,6 @@ def rgb_latents(count: int, tmp: str) -> dict:
     }
 
 
-def moto_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto server did not start")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dataset", default="fashion-mnist")
@@ -136,8 +117,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report["local"] = child(store=os.path.join(tmp, "store"), **gray)
 
-    proc, endpoint = moto_server()
-    try:
+    with (
+        tempfile.TemporaryDirectory() as logs,
+        moto_server(Path(logs) / "moto.log") as (
+            _,
+            endpoint,
+        ),
+    ):
         env = {
             **os.environ,
             "AWS_ENDPOINT_URL": endpoint,
@@ -156,9 +142,6 @@ def main() -> None:
             region_name="us-east-1",
         ).create_bucket(Bucket=bucket)
         report["s3_moto"] = child(env, store=f"s3://{bucket}/prep", **gray)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
     report["target_seconds"] = 60
     report["meets_target"] = all(report[k]["seconds"] < 60 for k in ("local", "s3_moto"))
     print(json.dumps(report, indent=2))

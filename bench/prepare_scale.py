@@ -25,7 +25,6 @@ import platform
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -39,6 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from cluster_jobs.ops import s3_server
+from cluster_jobs.ops.s3_server import free_port
 
 ENGINES = ("local", "ray")
 IMAGE_SIZE = 64
@@ -60,12 +62,6 @@ def log(message: str) -> None:
     print(f"[prepare_scale {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- the S3 server and the input data ---------------------------------------------------
 
 
@@ -73,38 +69,14 @@ def free_port() -> int:
 def moto_server(logs: Path) -> Iterator[tuple[psutil.Process, dict[str, str]]]:
     """moto's S3 server on a free loopback port; yields it and the environment (test keys,
     no profile, no instance metadata) every subprocess gets, so nothing leaves loopback."""
-    port = free_port()
-    with open(logs / "moto.log", "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log_path = logs / "moto.log"
-                    raise RuntimeError(f"moto server did not start; see {log_path}") from None
-                time.sleep(0.1)
+    with s3_server.moto_server(logs / "moto.log") as (proc, endpoint):
         env = {k: v for k, v in os.environ.items() if k not in AWS_CREDENTIAL_VARS}
         env |= S3_KEYS | {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ENDPOINT_URL": endpoint,
             "AWS_EC2_METADATA_DISABLED": "true",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
         yield psutil.Process(proc.pid), env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def s3_client(env: dict[str, str]):

@@ -41,11 +41,6 @@ class RayEngine:
         self.slots = max(1, int(total.get("GPU" if cfg.device == "cuda" else "CPU", 1)))
         self.nodes: set[str] = set()  # the Ray nodes that wrote shards
 
-    def _pool(self, parts: list[Part]):
-        import ray.data
-
-        return ray.data.ActorPoolStrategy(min_size=1, max_size=min(len(parts), self.slots))
-
     def _parts(self, parts: list[Part]):
         import ray.data
 
@@ -54,20 +49,7 @@ class RayEngine:
         )
 
     def sample(self, source: Source, parts: list[Part], wanted: np.ndarray, progress):
-        import ray
-
-        ds = self._parts(parts).map_batches(
-            _ReadSample,
-            batch_size=1,
-            num_cpus=1,
-            compute=self._pool(parts),
-            fn_constructor_kwargs={
-                "source": ray.put(source),
-                "parts": ray.put(parts),
-                "wanted": ray.put(wanted),
-                "batch_size": self.cfg.batch_size,
-            },
-        )
+        ds = self._actors(_ReadSample, source, parts, wanted, gpus=0)
         idx, images = [], []
         for done, batch in enumerate(ds.iter_batches(batch_size=1, batch_format="numpy"), 1):
             idx.append(batch["index"][0])
@@ -78,25 +60,30 @@ class RayEngine:
     def assign(
         self, source: Source, parts: list[Part], centroids: Centroids, progress
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        import ray
-
-        cuda = self.cfg.device == "cuda"
-        ds = self._parts(parts).map_batches(
-            _Assign,
-            batch_size=1,
-            num_cpus=1,
-            num_gpus=1 if cuda else 0,
-            compute=self._pool(parts),
-            fn_constructor_kwargs={
-                "source": ray.put(source),
-                "parts": ray.put(parts),
-                "centroids": ray.put(centroids),
-                "batch_size": self.cfg.batch_size,
-            },
-        )
+        gpus = 1 if self.cfg.device == "cuda" else 0
+        ds = self._actors(_Assign, source, parts, centroids, gpus=gpus)
         for done, batch in enumerate(ds.iter_batches(batch_size=1, batch_format="numpy"), 1):
             yield batch["index"][0], batch["cluster"][0], batch["cost"][0]
             progress("assign", done, len(parts))
+
+    def _actors(self, cls, source: Source, parts: list[Part], given: Any, gpus: int):
+        """Part numbers mapped by an actor pool of `cls(source, parts, given, batch_size)`."""
+        import ray
+        import ray.data
+
+        return self._parts(parts).map_batches(
+            cls,
+            batch_size=1,
+            num_cpus=1,
+            num_gpus=gpus,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(len(parts), self.slots)),
+            fn_constructor_kwargs={
+                "source": ray.put(source),
+                "parts": ray.put(parts),
+                "given": ray.put(given),
+                "batch_size": self.cfg.batch_size,
+            },
+        )
 
     def write(
         self,
@@ -147,11 +134,11 @@ def _connect() -> None:
 
 
 class _ReadSample:
-    def __init__(self, source, parts, wanted, batch_size: int):
+    def __init__(self, source, parts, given, batch_size: int):
         import ray
 
         self.source, self.parts = ray.get(source), ray.get(parts)
-        self.wanted, self.batch_size = ray.get(wanted), batch_size
+        self.wanted, self.batch_size = ray.get(given), batch_size  # sorted sample indices
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         part = self.parts[int(batch["part"][0])]
@@ -162,13 +149,13 @@ class _ReadSample:
 class _Assign:
     """An actor holding the fitted feature space: a learned extractor loads once."""
 
-    def __init__(self, source, parts, centroids, batch_size: int):
+    def __init__(self, source, parts, given, batch_size: int):
         import ray
         import torch
 
         torch.set_num_threads(1)  # one actor per core
         self.source, self.parts = ray.get(source), ray.get(parts)
-        self.centroids, self.batch_size = ray.get(centroids), batch_size
+        self.centroids, self.batch_size = ray.get(given), batch_size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         part = self.parts[int(batch["part"][0])]
