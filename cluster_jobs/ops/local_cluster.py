@@ -240,7 +240,10 @@ def _wait_for_nodes(info: ClusterInfo, env: dict, nodes: int, deadline: float) -
         )  # fmt: skip
         alive = 0
         if out.returncode == 0:
-            alive = sum(n["state"] == "ALIVE" for n in json.loads(out.stdout or "[]"))
+            try:
+                alive = sum(n["state"] == "ALIVE" for n in json.loads(out.stdout or "[]"))
+            except json.JSONDecodeError:
+                pass  # a head still starting may answer with a warning, not JSON: ask again
         if alive >= nodes:
             return
         for node in info.workers:
