@@ -917,3 +917,22 @@ def test_restart_also_forgets_the_ray_train_run(store_copy, monkeypatch):
     assert store.list(cfg.prefix + "/") == []
     run = _CapturingTrainer.given["run"]
     assert run.storage_path == str(store.root / RUN_STORAGE)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--max-retries", "-1", "--wait"], "error: --max-retries -1: give 0 or more"),
+        (
+            ["--max-retries", "3"],
+            "error: --max-retries 3: it applies to --wait only; add --wait",
+        ),
+    ],
+)
+def test_ddm_submit_max_retries_bad_input_exits_2(prepared, args, message):
+    """Refused before anything is submitted (the address below answers nothing)."""
+    done = run_ddm_in_process(
+        "submit", "--store", prepared[0], *args, "--address", "http://127.0.0.1:9"
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == message
