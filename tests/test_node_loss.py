@@ -32,19 +32,20 @@ from conftest import ddm_serving, free_port, run_ddm
 
 from cluster_jobs.ops.local_cluster import node_resource
 from ddm_nodes.checkpoint import TRAINING_FILE, fetch_verified, load_model, read_manifest
+from ddm_nodes.errors import DDMError
 from ddm_nodes.names import expert_prefix
 from ddm_nodes.store import open_store
 
 pytestmark = pytest.mark.integration
 
 NODES = 4  # the head and three workers: each scenario loses one, two remain
-STEPS, CHECKPOINT_EVERY = 600, 100
+STEPS, CHECKPOINT_EVERY = 400, 100
 TRAIN = [
     "--preset", "dit-tiny", "--batch-size", "8", "--steps", str(STEPS),
     "--checkpoint-every", str(CHECKPOINT_EVERY), "--log-every", "1", "--warmup-steps", "10",
     "--max-failures", "0",
 ]  # fmt: skip
-CLIENTS = 8
+CLIENTS, THINK_S = 8, 0.25
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def latest(store, k: int) -> dict | None:
     pointer = json.loads(store.get_bytes(key))
     try:
         training = load_training(store, pointer["prefix"])
-    except Exception:  # pruned between the two reads: the next poll sees the newer one
+    except DDMError:  # pruned between the two reads: the next poll sees the newer one
         return None
     return {**pointer, "node": training["node"]}
 
@@ -278,6 +279,8 @@ def test_a_lost_node_fails_no_request_and_its_replicas_come_back(cluster, store,
                 "max_replicas_per_node": 1,
                 "router_resources": {"ddm-node-0": 0.01},
                 "default_strategy": "nearest-centroid",
+                # how soon Serve finds a replica gone and starts another (default 10 s)
+                "health_check_period_s": 2,
             }
         )
     )
@@ -303,6 +306,9 @@ def test_a_lost_node_fails_no_request_and_its_replicas_come_back(cluster, store,
                         code = type(e).__name__
                     codes.append((time.monotonic(), code))
                     r += 1
+                    # users pause between requests; back to back, 8 clients would hold both
+                    # cores and the replacement replica would take minutes to start
+                    stop.wait(THINK_S)
 
         threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
         for t in threads:
