@@ -291,6 +291,7 @@ def test_a_lost_node_fails_no_request_and_its_replicas_come_back(cluster, store,
         alive = set(node_names(env).values())
         candidates = [w for w in info["workers"] if node(w) in alive]
         victim = max(candidates, key=lambda w: sum(n.count(node(w)) for n in placed.values()))
+        assert any(node(victim) in nodes for nodes in placed.values()), placed
 
         codes: list[tuple[float, int]] = []
         stop = threading.Event()
