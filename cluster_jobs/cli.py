@@ -262,6 +262,7 @@ def stack_status() -> None:
 
 
 SUBMIT_OPTIONS = train_options("expert", exclude=("store", "cluster", "restart"))
+DEFAULT_MAX_RETRIES = 2  # a lost node costs one; a job failing on its own fails again
 
 
 def submit(
@@ -286,6 +287,13 @@ def submit(
     ] = None,
     force: Annotated[bool, typer.Option(help="retrain finished jobs from scratch")] = False,
     wait: Annotated[bool, typer.Option(help="wait until every job has finished")] = False,
+    max_retries: Annotated[
+        int | None,
+        typer.Option(
+            help="with --wait: submit a job that FAILED again as <id>-rN, resuming from its "
+            f"checkpoint, up to this many times (default: {DEFAULT_MAX_RETRIES})"
+        ),
+    ] = None,
     analyze: Annotated[
         bool, typer.Option(help="submit `ddm analyze` with the arguments after `--` instead")
     ] = False,
@@ -312,6 +320,9 @@ def submit(
     store = open_store(store).uri
     if ctx.args and not analyze:
         raise DDMError(f"unexpected arguments {' '.join(ctx.args)}: only --analyze takes `-- ARGS`")
+    if max_retries is not None and (max_retries < 0 or not wait):
+        fix = "give 0 or more" if max_retries < 0 else "it applies to --wait only; add --wait"
+        raise DDMError(f"--max-retries {max_retries}: {fix}")
     if emit not in (None, "kuberay"):
         raise DDMError(f"--emit {emit!r}: the one target is kuberay")
     if emit and not out:
@@ -344,7 +355,19 @@ def submit(
         print(f"{s.action:17s} {s.submission_id}")
     if wait:
         ids = [s.submission_id for s in done]
-        states = jobs.wait(url, ids, on_change=lambda sid, st: print(f"{st:9s} {sid}", flush=True))
+        retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
+        resubmit = jobs.retrying(
+            url,
+            to_submit,
+            retries,
+            on_retry=lambda old, new: print(f"{'resubmitted':17s} {new} (after {old})", flush=True),
+        )
+        states = jobs.wait(
+            url,
+            ids,
+            on_change=lambda sid, st: print(f"{st:9s} {sid}", flush=True),
+            resubmit=resubmit,
+        )
         failed = [sid for sid, st in states.items() if st != "SUCCEEDED"]
         if failed:
             print(

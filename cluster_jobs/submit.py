@@ -199,24 +199,53 @@ def wait(
     poll_s: float = 2.0,
     timeout_s: float | None = None,
     on_change=None,
+    resubmit=None,
 ) -> dict[str, str]:
-    """Poll until every job is terminal; returns {submission id: status}."""
+    """Poll until every job is terminal; returns {submission id: status}. `resubmit(sid)`:
+    called as soon as a job ends FAILED; the id it returns (its `-rN`) is waited for in its
+    place, None leaves the failure standing."""
     from ray.job_submission import JobSubmissionClient
 
     client = _client(address, JobSubmissionClient)
+    ids = list(ids)
     states: dict[str, str] = {}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        for sid in ids:
+        for i, sid in enumerate(ids):
             status = str(client.get_job_status(sid).value)
             if states.get(sid) != status and on_change:
                 on_change(sid, status)
             states[sid] = status
+            again = resubmit(sid) if status == "FAILED" and resubmit else None
+            if again is not None:
+                ids[i] = again
+                states[again] = "PENDING"
+        states = {sid: states[sid] for sid in ids}
         if all(s in TERMINAL for s in states.values()):
             return states
         if deadline is not None and time.monotonic() > deadline:
             raise DDMError(f"jobs still running after {timeout_s:.0f} s: {states}")
         time.sleep(poll_s)
+
+
+def retrying(address: str, jobs: list[Job], max_retries: int, on_retry=None):
+    """A `wait(resubmit=...)` that submits a FAILED job again, up to `max_retries` times per
+    job: `submit` names it `<id>-rN` and, not forced, it resumes from its latest checkpoint
+    in the store (a job whose node was lost, say). `on_retry(old, new)` is told of each."""
+    by_base = {submission_id(job): job for job in jobs}
+    tries: dict[str, int] = {}
+
+    def resubmit(sid: str) -> str | None:
+        base = next((b for b in by_base if sid == b or sid.startswith(b + "-r")), None)
+        if base is None or tries.get(base, 0) >= max_retries:
+            return None
+        tries[base] = tries.get(base, 0) + 1
+        (again,) = submit(address, [by_base[base]])
+        if on_retry:
+            on_retry(sid, again.submission_id)
+        return again.submission_id
+
+    return resubmit
 
 
 def list_jobs(address: str) -> list[dict[str, Any]]:

@@ -58,6 +58,17 @@ class AppArgs(BaseModel):
     # Ray's CPU accounting only places replicas; small shares let K=8 experts, the router
     # and a training job fit a 2-CPU head (the OS shares the cores among busy replicas).
     expert_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs per expert replica")
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="most replicas of one expert on one node: 1 spreads an expert's replicas "
+        "over nodes, so losing a node leaves every expert a replica (default: no limit)",
+    )
+    router_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='custom Ray resources of the router replica, e.g. {"ddm-node-0": 0.01} '
+        "keeps the ingress on the head, whose HTTP proxy the clients call",
+    )
     expert_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per expert replica")
     router_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs of the router replica")
     torch_threads: int = Field(1, ge=1, le=256, description="torch threads per replica")
@@ -105,6 +116,8 @@ class AppArgs(BaseModel):
             "max_ongoing_requests": self.expert_max_ongoing_requests,
             "health_check_period_s": self.health_check_period_s,
         }
+        if self.max_replicas_per_node is not None:
+            options["max_replicas_per_node"] = self.max_replicas_per_node
         if self.autoscaling is not None and k not in self.expert_replicas:
             options["autoscaling_config"] = self.autoscaling.model_dump()
         else:
@@ -128,7 +141,10 @@ class AppArgs(BaseModel):
         return {
             "name": "router",
             "num_replicas": 1,
-            "ray_actor_options": {"num_cpus": self.router_num_cpus},
+            "ray_actor_options": {
+                "num_cpus": self.router_num_cpus,
+                **({"resources": self.router_resources} if self.router_resources else {}),
+            },
             # admitted + queued + room for probes: Admission answers 503 past its own bound,
             # and Serve's proxy-side queue is bounded too, so nothing piles up unbounded
             "max_ongoing_requests": self.max_concurrent_requests + self.max_queued_requests + 16,

@@ -48,6 +48,13 @@ def test_cluster_up_nodes_starts_separate_raylets_and_down_stops_them(tmp_path):
         assert len(set(pids)) == 3 and all(processes.alive(p) for p in pids)
         temp_dirs = [Path(w["temp_dir"]) for w in info["workers"]]
         assert all(d.is_dir() for d in temp_dirs) and len(set(temp_dirs)) == 2
+        # the head's own temp dir: Ray points every job's driver at the cluster its
+        # ray_current_cluster names, which must be this head whatever else runs on the machine
+        head_dir = Path(info["temp_dir"])
+        assert head_dir not in temp_dirs
+        named = (head_dir / "ray_current_cluster").read_text().strip()  # Ray writes its IP
+        assert named.rsplit(":", 1)[1] == info["gcs_address"].rsplit(":", 1)[1]
+        temp_dirs.append(head_dir)
 
         lines = run_ddm("cluster", "env", env=env).stdout.splitlines()
         client = {**env, **dict(line.removeprefix("export ").split("=", 1) for line in lines)}

@@ -641,3 +641,24 @@ def test_limits_check_names_the_field_and_the_range():
     assert str(e.value) == "--steps: must be between 1 and 20 (got 21)"
     with pytest.raises(ValidationError):
         Limits(max_body_bytes=100)
+
+
+def test_replicas_spread_over_nodes_and_the_router_pinned_reach_serve(no_env_key):
+    """What serving across nodes needs: every expert's replicas on distinct nodes, the
+    ingress on the node the clients call; Serve's own option checks accept both."""
+    from router_service.deployments import ExpertServer, RouterServer
+
+    args = AppArgs(
+        store="/s", replicas=2, max_replicas_per_node=1, router_resources={"ddm-node-0": 0.01}
+    )
+    expert, router = args.expert_options(1), args.router_options()
+    assert expert["max_replicas_per_node"] == 1 and expert["num_replicas"] == 2
+    assert router["ray_actor_options"]["resources"] == {"ddm-node-0": 0.01}
+    assert ExpertServer.options(**expert)._replica_config.max_replicas_per_node == 1
+    placed = RouterServer.options(**router).ray_actor_options
+    assert placed["resources"] == {"ddm-node-0": 0.01}
+    plain = AppArgs(store="/s")
+    assert "max_replicas_per_node" not in plain.expert_options(0)
+    assert "resources" not in plain.router_options()["ray_actor_options"]
+    with pytest.raises(ValueError, match="max_replicas_per_node"):
+        AppArgs(store="/s", max_replicas_per_node=0)

@@ -854,3 +854,85 @@ def test_a_ray_pointer_to_a_checkpoint_the_store_lost_is_ignored(tmp_path):
     assert find_resume_point(cfg, store, gone) == gone["prefix"]
     store.put_bytes(f"{cfg.prefix}/{LATEST}", _json.dumps({"prefix": "p", "step": 500}).encode())
     assert find_resume_point(cfg, store, gone) == "p"
+
+
+@pytest.mark.parametrize(
+    "endpoint,scheme,netloc",
+    [
+        ("http://127.0.0.1:9000", "http", "127.0.0.1:9000"),
+        ("https://s3.example.org", "https", "s3.example.org"),
+    ],
+)
+def test_ray_train_run_storage_is_in_the_s3_store_on_its_endpoint(
+    monkeypatch, endpoint, scheme, netloc
+):
+    """No node reads another's disk: Ray Train's run storage is a folder of the store, on
+    the S3 endpoint boto3 uses, and no credential is baked into what Ray pickles."""
+    from cluster_jobs.training.launch import RUN_STORAGE, run_storage
+    from ddm_nodes.store import open_store
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "never-pickled")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-pickled-either")
+    path, fs = run_storage(open_store("s3://bkt/runs/ddm-a"))
+    assert path == f"bkt/runs/ddm-a/{RUN_STORAGE}"
+    options = fs.__reduce__()[1][0]
+    assert options["scheme"] == scheme
+    assert options["endpoint_override"] == netloc
+    assert options["region"] == "eu-west-3"
+    assert options["access_key"] is None and options["secret_key"] is None
+
+
+def test_ray_train_run_storage_of_a_directory_store_is_inside_it(tmp_path):
+    from cluster_jobs.training.launch import RUN_STORAGE, run_storage
+    from ddm_nodes.store import open_store
+
+    path, fs = run_storage(open_store(tmp_path.as_uri()))
+    assert path == str(tmp_path.resolve() / RUN_STORAGE) and fs is None
+
+
+def test_restart_also_forgets_the_ray_train_run(store_copy, monkeypatch):
+    """--restart empties the model's folder and Ray's run of the same name (else Ray would
+    hand the new ranks the old run's checkpoint pointer); other runs stay."""
+    import ray
+    import ray.train.torch
+
+    from cluster_jobs.training.launch import RUN_STORAGE, launch
+    from ddm_nodes.store import open_store
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", _CapturingTrainer)
+    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    cfg = _cfg(store_copy, preset="dit-tiny", restart=True)
+    store = open_store(cfg.store)
+    mine = f"{RUN_STORAGE}/ddm-{cfg.name}-{cfg.config_hash()}/checkpoint_0/pointer.json"
+    other = f"{RUN_STORAGE}/ddm-expert-999-00000000/checkpoint_0/pointer.json"
+    for key in (mine, other, f"{cfg.prefix}/checkpoints/latest.json"):
+        store.put_bytes(key, b"{}")
+    launch(cfg)
+    assert not store.exists(mine) and store.exists(other)
+    assert store.list(cfg.prefix + "/") == []
+    run = _CapturingTrainer.given["run"]
+    assert run.storage_path == str(store.root / RUN_STORAGE)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--max-retries", "-1", "--wait"], "error: --max-retries -1: give 0 or more"),
+        (
+            ["--max-retries", "3"],
+            "error: --max-retries 3: it applies to --wait only; add --wait",
+        ),
+    ],
+)
+def test_ddm_submit_max_retries_bad_input_exits_2(prepared, args, message):
+    """Refused before anything is submitted (the address below answers nothing)."""
+    done = run_ddm_in_process(
+        "submit", "--store", prepared[0], *args, "--address", "http://127.0.0.1:9"
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == message

@@ -66,6 +66,7 @@ class ClusterInfo(BaseModel):
     token_path: str
     num_cpus: int
     pid: int | None = None  # of `ray start --head --block`; None: a head ddm did not start
+    temp_dir: str | None = None  # the head's own Ray temp dir (None: Ray's shared /tmp/ray)
     workers: list[WorkerNode] = []
 
     def env(self) -> dict[str, str]:
@@ -153,9 +154,14 @@ def up(
         metrics_export_port=metrics_export_port,
         token_path=str(token),
         num_cpus=num_cpus if num_cpus is not None else (os.cpu_count() or 1),
+        # Ray's job supervisor points every job's driver at the cluster named in
+        # `<temp dir>/ray_current_cluster`; in the shared /tmp/ray that is whichever head
+        # started last on the machine, so a job could join another user's cluster.
+        temp_dir=tempfile.mkdtemp(prefix="ddm-h-"),
     )
     cmd = [
         _ray_cli(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--temp-dir", info.temp_dir,
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--metrics-export-port", str(metrics_export_port), "--num-cpus", str(info.num_cpus),
         "--dashboard-agent-listen-port", str(dashboard_agent_listen_port or free_port()),
@@ -190,7 +196,7 @@ def up(
             raise DDMError(
                 f"the Ray dashboard did not answer at {info.dashboard_url} within "
                 f"{timeout_s:.0f} s; the head was stopped (see {log_path} and "
-                "/tmp/ray/session_latest/logs/dashboard.log)"
+                f"{info.temp_dir}/session_latest/logs/dashboard.log)"
             )
         time.sleep(0.5)
     (folder / "cluster.json").write_text(info.model_dump_json(indent=2))
@@ -266,6 +272,8 @@ def down() -> bool:
         shutil.rmtree(node.temp_dir, ignore_errors=True)
     if info.pid is not None:
         processes.stop(info.pid, grace_s=30, group=True)
+        if info.temp_dir is not None:
+            shutil.rmtree(info.temp_dir, ignore_errors=True)
     else:  # a cluster.json from before heads were tracked by PID
         env = {**os.environ, **info.env()}
         subprocess.run([_ray_cli(), "stop", "--force"], env=env, capture_output=True)

@@ -91,7 +91,10 @@ def serve_forever(args: AppArgs, host: str, port: int, *, access_log: bool = Tru
 
     signal.signal(signal.SIGTERM, _stop)  # SIGTERM cleans up like Ctrl-C
     try:
-        serve.start(http_options={"host": host, "port": port})
+        # One proxy, on the head, as infra/serve/ddm.yaml has it: the URL printed is the
+        # head's. Proxies on every node would each bind --host:--port; on one machine's
+        # loopback they share the port, and a lost node resets the connections its proxy held.
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
         logging = {"enable_access_log": access_log}
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging)
         _wait_ready(url, APP_NAME, time.monotonic() + READY_TIMEOUT_S)

@@ -1,22 +1,51 @@
 """The launcher: one Ray Train `TorchTrainer` per job, `workers` data-parallel ranks of
 `worker.train_loop`, each receiving the job's whole `TrainConfig` (its JSON), with its
-number of loader workers decided here, where their CPUs are reserved."""
+number of loader workers decided here, where their CPUs are reserved.
+
+Ray Train's run storage (its run state and the checkpoint pointers the ranks report) lives
+in the store, under `ray-train/` (`run_storage`): on a cluster with no shared disk a
+worker group restarted on another node finds it there, as it finds the weights."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
 
 from cluster_jobs.training.config import TrainConfig
 from cluster_jobs.training.loader import loader_workers
 from cluster_jobs.training.tasks import validate
 from cluster_jobs.training.worker import loop_config, train_loop
 from ddm_nodes.checkpoint import TRAINING_FILE, fetch_verified, has_checkpoint, read_manifest
+from ddm_nodes.store import S3Store, Store
 
 log = logging.getLogger("ddm.train")
+RUN_STORAGE = "ray-train"  # the store's folder for Ray Train's run storage
+
+
+def run_storage(store: Store) -> tuple[str, Any]:
+    """Ray Train's (storage_path, storage_filesystem) inside `store`: `<dir>/ray-train`, or
+    `bucket/prefix/ray-train` on a `pyarrow.fs.S3FileSystem` that reaches the same S3
+    endpoint as boto3 does (AWS_ENDPOINT_URL). Ray would otherwise build its own
+    filesystem from the URI, which ignores AWS_ENDPOINT_URL. Credentials are not put in the
+    filesystem: every node resolves them from its own environment, as boto3 does."""
+    if not isinstance(store, S3Store):
+        return os.path.join(str(store.root), RUN_STORAGE), None
+    from pyarrow.fs import S3FileSystem
+
+    options: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)  # boto3 refuses one without a scheme before this
+        options |= {"endpoint_override": parsed.netloc, "scheme": parsed.scheme}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    path = "/".join(p for p in (store.bucket, store.prefix, RUN_STORAGE) if p)
+    return path, S3FileSystem(**options)
 
 
 @dataclass
@@ -37,7 +66,7 @@ def _evaluation(store, prefix: str) -> dict | None:
     return json.loads(fetch_verified(store, prefix, manifest, TRAINING_FILE)).get("evaluation")
 
 
-def launch(cfg: TrainConfig, storage_path: str | None = None) -> TrainOutcome:
+def launch(cfg: TrainConfig) -> TrainOutcome:
     """Train one model with a Ray Train TorchTrainer (connects to the job's Ray cluster)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -57,10 +86,12 @@ def launch(cfg: TrainConfig, storage_path: str | None = None) -> TrainOutcome:
                 True,
                 evaluation=_evaluation(store, cfg.prefix),
             )
-    if cfg.restart:
-        store.delete(store.list(cfg.prefix + "/"))
+    run_name = f"ddm-{cfg.name}-{cfg.config_hash()}"
+    if cfg.restart:  # Ray's run of the same name would hand the ranks its old pointer
+        store.delete(store.list(cfg.prefix + "/") + store.list(f"{RUN_STORAGE}/{run_name}/"))
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
+    storage_path, storage_filesystem = run_storage(store)
     workers = loader_workers(cfg, lambda: _rank_cpus(cfg))
     cfg = cfg.model_copy(update={"loader_workers": workers})  # what the ranks run with
     trainer = TorchTrainer(
@@ -73,8 +104,9 @@ def launch(cfg: TrainConfig, storage_path: str | None = None) -> TrainOutcome:
             resources_per_worker={"CPU": cfg.cpus_per_worker + cfg.loader_workers},
         ),
         run_config=RunConfig(
-            name=f"ddm-{cfg.name}-{cfg.config_hash()}",
-            storage_path=storage_path or os.path.join(tempfile.gettempdir(), "ddm-ray-train"),
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
