@@ -41,6 +41,13 @@ class ExpertServer:
         self.expert = load_expert(s, DatasetManifest.load(s), expert_id, self.device)
         self.metrics = ExpertMetrics()
         self.max_batch = _initial.max_batch
+        # The batch queue belongs to this replica, not to the class: a class-level one is
+        # shipped with the class's by-value pickle and, once used in a process, cannot be.
+        self.forward = serve.batch(
+            max_batch_size=_initial.max_batch,
+            batch_wait_timeout_s=_initial.batch_wait_timeout_s,
+            batch_size_fn=batching.samples_in,
+        )(self._forward)
 
     def reconfigure(self, config: dict) -> None:
         """`user_config` (BatchConfig): applied at start and on every `serve deploy`."""
@@ -55,12 +62,7 @@ class ExpertServer:
         outs = await asyncio.gather(*(self.forward(p) for p in parts))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    @serve.batch(
-        max_batch_size=_initial.max_batch,
-        batch_wait_timeout_s=_initial.batch_wait_timeout_s,
-        batch_size_fn=batching.samples_in,
-    )
-    async def forward(self, items: list[batching.SubBatch]) -> list[np.ndarray]:
+    async def _forward(self, items: list[batching.SubBatch]) -> list[np.ndarray]:
         start = time.perf_counter()
         x, t, y, sizes = batching.stack(items)
         dev = self.device

@@ -609,3 +609,7 @@ def test_expert_replica_batches_concurrent_sub_batches_at_different_steps(
         torch.testing.assert_close(torch.from_numpy(v), expected, atol=1e-5, rtol=1e-5)
     assert sorted(split_up) == [1, 2, 2]  # limit 2: the 3-sample sub-batch went in pieces
     assert [len(v) for v in pieces] == [2, 3]
+    # the batch queue is the replica's: the class still pickles for a deployment after use
+    import ray.cloudpickle
+
+    assert ray.cloudpickle.loads(ray.cloudpickle.dumps(ExpertServer.func_or_class))
