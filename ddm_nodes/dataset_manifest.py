@@ -94,6 +94,10 @@ class DatasetManifest(_Strict):
     class_names: list[str] | None = Field(
         default=None, description="label id -> name; None when the data set has no labels"
     )
+    class_domains: list[str] | None = Field(
+        default=None,
+        description="label id -> the data set it comes from, in a mixture of data sets",
+    )
     features: FeatureSpec
     latents: LatentSpec | None = Field(
         None, description="set when the shards hold VAE latents the models train on"
@@ -110,6 +114,10 @@ class DatasetManifest(_Strict):
     def _consistent(self) -> DatasetManifest:
         if self.image_shape[2] != self.channels:
             raise ValueError("image_shape[2] must equal channels")
+        if self.class_domains is not None and len(self.class_domains) != len(
+            self.class_names or []
+        ):
+            raise ValueError("class_domains must name a domain for every class")
         for split in (self.train, self.heldout):
             if [c.cluster for c in split] != list(range(self.num_clusters)):
                 raise ValueError("each split must list clusters 0..K-1 in order")

@@ -105,12 +105,15 @@ def plan(
 ) -> Plan:
     """Check a parsed request against the limits and the models; RequestError if not."""
     limits.check(request.n, request.steps)
+    name = request.strategy or default_strategy
     try:
-        policy = get_policy(request.strategy or default_strategy, temperature=request.temperature)
-        policy.check_experts(num_experts)
+        get_policy(name).check_experts(num_experts)
     except RoutingError as e:
-        field = "temperature" if "temperature" in str(e) else "strategy"
-        raise RequestError(field, str(e)) from None
+        raise RequestError("strategy", str(e)) from None
+    try:
+        policy = get_policy(name, temperature=request.temperature)
+    except RoutingError as e:
+        raise RequestError("temperature", str(e)) from None
     if policy.needs == "router" and models.router is None:
         raise RequestError(
             "strategy",

@@ -15,6 +15,10 @@ per-sample weights sum to 1.
                           weights softmax(-distance / temperature) over those K; the
                           expert-data alignment principle used directly as a policy
     oracle                the cluster the held-out image behind x_t came from (analysis)
+    NAME@T                a temperature T > 0 for any weighting policy: a router policy
+                          routes on p_k^(1/T) renormalised (T < 1 sharpens the router's
+                          probabilities, T > 1 flattens them; full@0.25, top-2@4);
+                          nearest-centroid's softmax(-distance / T) (as `temperature=`)
 
 `policy.needs` says what the policy consumes: "router" (probabilities), "features"
 (distances to the cluster centroids), "oracle" (true clusters) or None (uniform). Ties
@@ -34,7 +38,7 @@ import torch
 from ddm_nodes.errors import DDMError
 
 MIN_WEIGHT = 1e-6  # `full` skips experts whose router probability is below this
-DEFAULT_TEMPERATURE = 1.0  # nearest-centroid: softmax(-distance / temperature)
+DEFAULT_TEMPERATURE = 1.0  # p^(1/T) for router policies, softmax(-d / T) for nearest-centroid
 NO_EXPERT = -1  # padding in RoutingDecision.ids
 Needs = Literal["router", "features", "oracle"]
 POLICY_FORMS = (
@@ -45,6 +49,7 @@ POLICY_FORMS = (
     "nearest-centroid",
     "nearest-centroid-K",
     "oracle",
+    "NAME@T",
 )
 
 
@@ -57,7 +62,7 @@ def valid_forms(num_experts: int | None = None) -> str:
     k = f"1 <= K <= {num_experts}" if num_experts else "K >= 1, at most the number of experts"
     return (
         f"full, uniform, top-K ({k}), threshold-T (0 < T <= 1), nearest-centroid, "
-        f"nearest-centroid-K ({k}), oracle"
+        f"nearest-centroid-K ({k}), oracle; NAME@T gives a weighting policy temperature T > 0"
     )
 
 
@@ -221,6 +226,8 @@ class Policy:
                 raise RoutingError("the oracle policy cannot route around a missing expert")
             return oracle(given)
         _check_shape(given, (num_samples, num_experts), what[self.needs])
+        if self.needs == "router" and self.temperature != DEFAULT_TEMPERATURE:
+            given = sharpen(given, self.temperature)
         if available is not None and self.needs == "router":
             given = given * available
             mass = given.sum(dim=1, keepdim=True)
@@ -246,6 +253,12 @@ class Policy:
             )
 
 
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p_k^(1/T) renormalised per row: softmax(logits / T) of the router's logits."""
+    logp = torch.log(probs.double().clamp_min(1e-300)) / temperature
+    return torch.softmax(logp, dim=-1).to(probs.dtype)
+
+
 def _check_shape(x: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
     if tuple(x.shape) != shape:
         raise RoutingError(f"{what} have shape {tuple(x.shape)}, expected {shape} (N, K)")
@@ -257,10 +270,20 @@ _NEAREST = re.compile(r"nearest-centroid(?:-(\d+))?")
 
 
 def get_policy(name: str, *, temperature: float | None = None) -> Policy:
-    """Parse a policy name (see the module docstring); `temperature` is nearest-centroid's
-    softmax temperature (default DEFAULT_TEMPERATURE) and is refused for other policies.
-    K <= number of experts is checked when the policy is applied."""
+    """Parse a policy name (see the module docstring); `temperature` (or a NAME@T suffix)
+    is the weighting temperature of router policies and nearest-centroid, refused for
+    uniform and oracle. K <= number of experts is checked when the policy is applied."""
     text = name.strip().lower() if isinstance(name, str) else ""
+    text, at, suffix = text.partition("@")
+    if at:
+        if temperature is not None:
+            raise RoutingError(f"{name!r} names a temperature; do not also pass temperature")
+        try:
+            temperature = float(suffix)
+        except ValueError:
+            raise RoutingError(
+                f"temperature in {name!r} must be a positive number, as in full@0.5"
+            ) from None
     policy = None
     if text in ("full", "uniform", "oracle"):
         policy = Policy(text, text)
@@ -281,11 +304,18 @@ def get_policy(name: str, *, temperature: float | None = None) -> Policy:
     if policy is None:
         raise RoutingError(f"unknown routing policy {name!r}; valid forms: {valid_forms()}")
     if temperature is not None:
-        if policy.kind != "nearest-centroid":
-            raise RoutingError(f"temperature applies to nearest-centroid only, not {name!r}")
+        if policy.needs not in ("router", "features"):
+            raise RoutingError(
+                f"temperature applies to router policies and nearest-centroid, not {name!r}"
+            )
         if not (math.isfinite(temperature) and temperature > 0):
             raise RoutingError(f"temperature must be a positive number, got {temperature}")
-        policy = Policy(policy.name, policy.kind, k=policy.k, temperature=float(temperature))
+        temperature = float(temperature)
+        # the name says the temperature, so a name is a policy: results, metrics, reports
+        label = policy.name
+        if temperature != DEFAULT_TEMPERATURE:
+            label = f"{label}@{temperature:g}"
+        policy = Policy(label, policy.kind, k=policy.k, tau=policy.tau, temperature=temperature)
     return policy
 
 

@@ -97,7 +97,12 @@ class SampleRequest(_Strict):
         1.0, ge=0, le=100, allow_inf_nan=False, description="classifier-free guidance scale"
     )
     temperature: float | None = Field(
-        None, gt=0, le=1e6, allow_inf_nan=False, description="nearest-centroid temperature"
+        None,
+        gt=0,
+        le=1e6,
+        allow_inf_nan=False,
+        description="routing temperature: router policies route on p^(1/T), "
+        "nearest-centroid on softmax(-distance / T)",
     )
     format: Literal["png", "npy"] = Field(
         "png", description="png: one base64 PNG per image; npy: one base64 .npy float32 array"

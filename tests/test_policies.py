@@ -265,13 +265,39 @@ def test_k_above_the_number_of_experts_raises_when_applied(name):
     assert wide.ids.shape == (2, 6)
 
 
-def test_temperature_is_nearest_centroids_only_and_positive():
+def test_temperature_weights_router_policies_and_nearest_centroid_only():
     assert get_policy("nearest-centroid-2", temperature=0.1).temperature == 0.1
-    with pytest.raises(ValueError, match="nearest-centroid only"):
-        get_policy("top-2", temperature=0.5)
+    assert get_policy("top-2@0.5") == get_policy("top-2", temperature=0.5)
+    assert get_policy("full@2").name == "full@2" and get_policy("full@1").name == "full"
+    for name in ("uniform@0.5", "oracle@2"):
+        with pytest.raises(ValueError, match="router policies and nearest-centroid"):
+            get_policy(name)
+    with pytest.raises(ValueError, match="do not also pass"):
+        get_policy("full@0.5", temperature=0.5)
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="positive"):
             get_policy("nearest-centroid", temperature=bad)
+        with pytest.raises(ValueError, match="positive"):
+            get_policy(f"top-2@{bad}")
+    with pytest.raises(ValueError, match="positive number, as in"):
+        get_policy("full@hot")
+
+
+@pytest.mark.parametrize("temperature", [0.25, 3.0])
+def test_router_temperature_routes_on_renormalised_powers_of_the_probabilities(temperature):
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.15, 0.05, 0.8]])
+    powered = probs ** (1 / temperature)
+    expected = powered / powered.sum(dim=1, keepdim=True)  # p^(1/T) / sum_j p_j^(1/T)
+    full = get_policy(f"full@{temperature}").select(2, 3, probs=probs)
+    torch.testing.assert_close(full.dense(3), expected, atol=1e-6, rtol=0)
+    top = get_policy(f"top-2@{temperature}").select(2, 3, probs=probs)
+    kept = expected.clone()
+    kept[kept < kept.topk(2, dim=1).values[:, 1:]] = 0
+    torch.testing.assert_close(
+        top.dense(3), kept / kept.sum(dim=1, keepdim=True), atol=1e-6, rtol=0
+    )
+    # sharpening keeps the ranking: the same experts are selected at any temperature
+    assert torch.equal(top.ids, get_policy("top-2").select(2, 3, probs=probs).ids)
 
 
 def test_every_documented_form_parses():
@@ -279,6 +305,7 @@ def test_every_documented_form_parses():
         "top-K": "top-2",
         "threshold-T": "threshold-0.5",
         "nearest-centroid-K": "nearest-centroid-2",
+        "NAME@T": "top-2@0.5",
     }
     needs = {get_policy(examples.get(form, form)).needs for form in POLICY_FORMS}
     assert needs == {"router", "features", "oracle", None}

@@ -126,6 +126,45 @@ def test_digits_are_scaled_to_0_255(digits_set):
     assert set(np.unique(data.labels)) == set(range(10))
 
 
+def test_mix_takes_an_equal_share_of_each_member_with_offset_labels(mnist5k_set, digits_set):
+    from cluster_jobs.data.sources import open_source
+
+    mixed = load_source("mix:mnist-5k,digits", image_size=8, seed=3)
+    source = open_source("mix:mnist-5k,digits", image_size=8, seed=3)
+    assert len(mixed) == 2 * len(digits_set)  # as many of each as the smallest member has
+    assert mixed.class_names == [f"mnist-5k/{d}" for d in range(10)] + [
+        f"digits/{d}" for d in range(10)
+    ]
+    assert source.class_domains == ["mnist-5k"] * 10 + ["digits"] * 10
+    from_digits = mixed.labels >= 10
+    assert from_digits.sum() == len(digits_set)
+    # the digits half is every digits image, in order, its labels offset by 10
+    np.testing.assert_array_equal(mixed.images[from_digits], digits_set.images)
+    np.testing.assert_array_equal(mixed.labels[from_digits] - 10, digits_set.labels)
+    # the mnist half: a seeded subset of real mnist images (resized), seed-dependent
+    other = load_source("mix:mnist-5k,digits", image_size=8, seed=4)
+    assert not np.array_equal(other.images[~from_digits], mixed.images[~from_digits])
+    assert np.array_equal(
+        load_source("mix:mnist-5k,digits", image_size=8, seed=3).images, mixed.images
+    )
+    # --count: a seeded subset of the mixture
+    assert len(load_source("mix:mnist-5k,digits", image_size=8, count=100, seed=3)) == 100
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("mix:mnist-5k", "two or more different"),
+        ("mix:mnist-5k,mnist-5k", "two or more different"),
+        ("mix:mnist-5k,imagenet", "two or more different"),
+        ("mix:mnist-5k,digits", "pass --image-size"),
+    ],
+)
+def test_bad_mixes_are_refused_naming_the_fix(name, words):
+    with pytest.raises(DDMError, match=words):
+        load_source(name)
+
+
 def test_digits_resized(digits_set):
     data = load_source("digits", image_size=16)
     assert data.images.shape == (1797, 16, 16, 1)

@@ -208,6 +208,7 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> PrepareResu
         count=len(source),
         num_clusters=cfg.clusters,
         class_names=source.class_names,
+        class_domains=source.class_domains,
         features=FeatureSpec(
             method=clustering.space.extractor.method,
             dims=clustering.space.extractor.dims,

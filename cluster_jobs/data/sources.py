@@ -5,6 +5,10 @@
     digits               scikit-learn's 8x8 digits (1,797 images)
     shapes               procedural RGB shapes in 16 labelled families (shapes.py), rendered
                          from `seed`: `count` images (default 4,000) of `image_size` (32)
+    mix:A,B[,...]        a mixture of visually distinct packaged data sets (e.g.
+                         mix:mnist-5k,fashion-mnist): an equal share of each, as many images
+                         as the smallest has (drawn from `seed`); labels are offset per
+                         member, so classes stay apart, and each class records its domain
     folder:PATH          every PNG/JPEG under PATH; sub-folder names become labels
     wds:URL_PATTERN      existing WebDataset shards (local or s3://) with png/jpg keys
 
@@ -96,6 +100,7 @@ class Source(ABC):
     image_shape: tuple[int, int, int]  # (H, W, C) of every image read
     labelled: bool
     kept: np.ndarray  # sorted source indices of the images in the data set
+    class_domains: list[str] | None = None  # per class: the member data set (mix:)
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -130,6 +135,8 @@ def open_source(
         )
     if kind in _NAMED and not arg:
         source: Source = _Arrays(kind, image_size)
+    elif kind == "mix" and arg:
+        source = _Mix(arg.split(","), image_size, seed)
     elif kind == "folder" and arg:
         source = _Folder(Path(arg).expanduser(), image_size)
     elif kind == "wds" and arg:
@@ -137,10 +144,10 @@ def open_source(
     else:
         raise DDMError(
             f"unknown dataset {name!r}; expected one of {sorted([*_NAMED, 'shapes'])}, "
-            "folder:PATH or wds:URL_PATTERN"
+            "mix:A,B (packaged data sets), folder:PATH or wds:URL_PATTERN"
         )
     if count is not None:
-        source.kept = _subset(source.name, len(source.kept), count, seed)
+        source.kept = source.kept[_subset(source.name, len(source.kept), count, seed)]
     return source
 
 
@@ -229,6 +236,62 @@ class _Arrays(_Indexed):
         if self.image_size is not None and images.shape[1:3] != self.image_shape[:2]:
             images = _resize_all(images, self.image_size)
         return images, None if data.labels is None else data.labels[idx]
+
+
+class _Mix(_Indexed):
+    """Packaged data sets side by side: source index `offset_i + j` is image j of member i;
+    each member keeps an equal share, so no domain outnumbers another."""
+
+    def __init__(self, members: list[str], image_size: int | None, seed: int):
+        unknown = [m for m in members if m not in _NAMED]
+        if len(members) < 2 or unknown or len(set(members)) != len(members):
+            raise DDMError(
+                f"mix:{','.join(members)}: name two or more different packaged data sets "
+                f"from {sorted(_NAMED)}, e.g. mix:mnist-5k,fashion-mnist"
+            )
+        parts = [_Arrays(m, image_size) for m in members]
+        shapes = {p.image_shape for p in parts}
+        if len(shapes) > 1:
+            raise DDMError(
+                f"mix:{','.join(members)}: the members' images differ in shape "
+                f"({sorted(shapes)}); pass --image-size to resize them to one square size"
+            )
+        self.name = f"mix:{','.join(members)}"
+        self.image_shape = shapes.pop()
+        self.labelled = all(p.labelled for p in parts)
+        self._parts = parts
+        sizes = [len(p.kept) for p in parts]
+        self._offsets = np.cumsum([0, *sizes])
+        share = min(sizes)
+        kept = [
+            self._offsets[i] + np.sort(np.random.default_rng([seed, 3, i]).permutation(n)[:share])
+            for i, n in enumerate(sizes)
+        ]
+        self.kept = np.concatenate(kept).astype(np.int64)
+        self._class_offsets = [0]
+        self.class_names, self.class_domains = None, None
+        if self.labelled:
+            names = [
+                [f"{m}/{c}" for c in p.class_names] for m, p in zip(members, parts, strict=True)
+            ]
+            self._class_offsets = list(np.cumsum([0, *(len(n) for n in names)]))
+            self.class_names = [c for n in names for c in n]
+            self.class_domains = [m for m, n in zip(members, names, strict=True) for _ in n]
+
+    def _load(self, idx):
+        member = np.searchsorted(self._offsets, idx, side="right") - 1
+        h, w, c = self.image_shape
+        images = np.zeros((len(idx), h, w, c), np.uint8)
+        labels = np.zeros(len(idx), np.int64) if self.labelled else None
+        for i, part in enumerate(self._parts):
+            rows = np.nonzero(member == i)[0]
+            if len(rows) == 0:
+                continue
+            got, lab = part._load(idx[rows] - self._offsets[i])
+            images[rows] = got
+            if labels is not None:
+                labels[rows] = lab + self._class_offsets[i]
+        return images, labels
 
 
 def _fashion_mnist() -> ImageSet:
