@@ -229,6 +229,9 @@ class SampleResult:
     trace: list[StepTrace] | None = None
     missing_experts: list[int] = field(default_factory=list)  # left out ("renormalize")
     disagreement: list[float] = field(default_factory=list)  # per evaluation, NaN: none
+    # (N,) per sample: mean over its evaluations with >= 2 selected experts of their angular
+    # deviation (degrees); NaN for a sample that never had two
+    sample_disagreement: torch.Tensor | None = None
     decoded: torch.Tensor | None = None  # the decoder's images of `final` (latent DDMs)
 
     @property
@@ -265,6 +268,8 @@ class RoutedVelocity:
     selected: list[float] = field(default_factory=list)
     disagreement: list[float] = field(default_factory=list)
     missing: set[int] = field(default_factory=set)
+    deviation_sum: torch.Tensor | None = None  # (N,) per-sample sums behind sample_disagreement
+    deviation_count: torch.Tensor | None = None
     previous: torch.Tensor | None = None  # the last merged velocity (nearest-centroid)
 
     @property
@@ -312,6 +317,13 @@ class RoutedVelocity:
         self.selected.append(float(decision.counts().float().mean()))
         per_sample = angular_deviation(chosen, n)
         defined = per_sample[~per_sample.isnan()]
+        if self.deviation_sum is None:
+            self.deviation_sum = torch.zeros(n, dtype=torch.float64)
+            self.deviation_count = torch.zeros(n, dtype=torch.float64)
+        dev = per_sample.detach().double().cpu()
+        seen = ~dev.isnan()
+        self.deviation_sum[seen] += dev[seen]
+        self.deviation_count += seen.double()
         self.disagreement.append(float(defined.mean()) if len(defined) else math.nan)
         if self.on_evaluation is not None:
             routed = [0] * K
@@ -386,17 +398,23 @@ class RoutedVelocity:
         self.calls[k] += 1
         if y is None or self.guidance == 1:
             return await _resolve(self.experts.predict(k, x, t, y))
-        n = x.shape[0]
-        stacked = await _resolve(
-            self.experts.predict(
-                k,
-                torch.cat([x, x]),
-                torch.cat([t, t]),
-                torch.cat([y, torch.full_like(y, NULL_LABEL)]),
-            )
-        )
-        v_cond, v_null = stacked[:n], stacked[n:]
-        return v_null + self.guidance * (v_cond - v_null)
+        stacked = await _resolve(self.experts.predict(k, *guidance_batch(x, t, y)))
+        return apply_guidance(stacked, self.guidance)
+
+
+def guidance_batch(
+    x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One expert call for classifier-free guidance: the batch twice, with its labels and
+    with the null label (every caller that guides, so that all guide alike)."""
+    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_LABEL)])
+
+
+def apply_guidance(stacked: torch.Tensor, guidance: float) -> torch.Tensor:
+    """v_null + g (v_cond - v_null) from the answer to a `guidance_batch` call."""
+    n = stacked.shape[0] // 2
+    v_cond, v_null = stacked[:n], stacked[n:]
+    return v_null + guidance * (v_cond - v_null)
 
 
 # --- the sampler -------------------------------------------------------------------------
@@ -495,6 +513,11 @@ async def sample_async(
         trace=velocity.trace,
         missing_experts=sorted(velocity.missing),
         disagreement=velocity.disagreement,
+        sample_disagreement=(
+            velocity.deviation_sum / velocity.deviation_count
+            if velocity.deviation_sum is not None
+            else None
+        ),
     )
 
 

@@ -1,46 +1,82 @@
 #!/usr/bin/env bash
-# The reproduction runs behind docs/results/<dataset>/ (issue 6), exactly as they were run
-# on the 2-core development machine (no GPU): one Ray job per expert, the router, the
-# monolith (the experts' total training compute in one model) and the feature network,
-# then `ddm analyze` with n = 1000 per strategy and 2 seeds.
+# The reproduction runs behind docs/results/<name>/, exactly as they were run on the 2-core
+# development machine (no GPU): one Ray job per expert, the router, the feature network
+# (and the monolith), then `ddm analyze` with the fixed toolkit (paired intervals, floor,
+# non-circular alignment).
 #
+#   bash docs/results/reproduce.sh mixture              # issue 16's dissociation experiment
+#   bash docs/results/reproduce.sh mixture-sweeps       # its temperature and guidance sweeps
 #   bash docs/results/reproduce.sh fashion-mnist 200    # experts' steps; monolith 8x that
-#   MONOLITH=0 bash docs/results/reproduce.sh mnist-5k 150   # as run: no monolith
+#   bash docs/results/reproduce.sh mnist-5k 150
 #
 # ROOT (default ./repro) holds the stores and the Ray head's state; DDM the ddm command;
-# MONOLITH=0 skips the monolith (its training and its column).
+# INCEPTION_N images per strategy for Inception FID/KID (needs pip install '.[inception]').
 set -euo pipefail
-dataset=${1:?dataset: fashion-mnist | mnist-5k}
-expert_steps=${2:?optimizer steps per expert}
+name=${1:?name: mixture | mixture-sweeps | fashion-mnist | mnist-5k}
 DDM=${DDM:-.venv/bin/ddm}
 ROOT=${ROOT:-./repro}
-MONOLITH=${MONOLITH:-1}
-store="$ROOT/$dataset"
-out="docs/results/$dataset"
+INCEPTION_N=${INCEPTION_N:-200}
 mkdir -p "$ROOT"
 export DDM_CLUSTER_DIR="$ROOT/cluster"
+inception=(--inception fid-helper --inception-n "$INCEPTION_N")
 
-[ -e "$store/dataset.json" ] || $DDM prepare --store "$store" --dataset "$dataset" --clusters 8
-$DDM cluster up
-trap '$DDM cluster down' EXIT
+train() {  # store, then `ddm submit` arguments of the expert jobs
+    local store=$1
+    shift
+    $DDM cluster up
+    trap '$DDM cluster down' EXIT
+    $DDM submit --store "$store" --clusters all "$@" --wait
+    $DDM submit --store "$store" --clusters none --router --featnet --steps "$ROUTER_STEPS" --wait
+    if [ -n "${MONOLITH_STEPS:-}" ]; then
+        # "$@" first: the monolith's own --steps wins
+        $DDM submit --store "$store" --clusters none --monolith "$@" --steps "$MONOLITH_STEPS" \
+            --wait
+    fi
+    $DDM cluster down
+    trap - EXIT
+}
 
-# K=8 experts of the CPU default preset (unet-tiny), batch 64, 1 CPU each; the monolith
-# gets 8x an expert's steps: the same total training compute.
-monolith=()
-if [ "$MONOLITH" = 1 ]; then
-    monolith=(--include-monolith)
-    $DDM submit --store "$store" --clusters none --monolith --steps $((8 * expert_steps))
-fi
-$DDM submit --store "$store" --clusters none --router --featnet --steps $((6 * expert_steps))
-$DDM submit --store "$store" --clusters all --steps "$expert_steps" --wait
-if [ "$MONOLITH" = 1 ]; then
-    $DDM submit --store "$store" --clusters none --monolith --steps $((8 * expert_steps)) --wait
-fi
-$DDM submit --store "$store" --clusters none --router --featnet --steps $((6 * expert_steps)) --wait
-$DDM cluster down
-trap - EXIT
-
-# 10 Euler steps (not 50): a unet-tiny evaluation costs ~5 ms per image on these 2 cores,
-# and the full ensemble evaluates all 8 experts at every step.
-$DDM analyze --store "$store" --out "$out" "${monolith[@]}" --strategies full,top-1,top-2 \
-    --n 1000 --seeds 0,1 --steps 10 --stability-n 64 --alignment-n 64 --disagreement-n 32
+case "$name" in
+mixture | mixture-sweeps)
+    # Two visually distinct domains, equal shares: 5,000 mnist-5k digits and 5,000 of
+    # Fashion-MNIST's 70,000; K=8 (K=4 mixed the domains within clusters). Class-conditional
+    # dit-tiny experts with label dropout 0.2, so the same experts sample unconditionally
+    # (the null label, --labels none) and with guidance.
+    store="$ROOT/mixture"
+    [ -e "$store/dataset.json" ] ||
+        $DDM prepare --store "$store" --dataset mix:mnist-5k,fashion-mnist --clusters 8 --seed 0
+    # finished jobs are skipped: a second call goes straight to the analysis
+    ROUTER_STEPS=1500 train "$store" --preset dit-tiny --steps 500 --lr 1e-3 --label-dropout 0.2
+    if [ "$name" = mixture ]; then
+        $DDM analyze --store "$store" --out docs/results/mixture \
+            --strategies full,top-1,top-2,nearest-centroid --n 1000 --seeds 0,1,2 --steps 25 \
+            --stability-n 32 --alignment-n 64 --accuracy-n 256 --refine-steps 10,25,50 \
+            --directions 4 --resamples 1000 "${inception[@]}"
+    else
+        $DDM analyze --store "$store" --out docs/results/mixture/temperature \
+            --strategies full,full@0.25,full@0.5,full@2,top-2,threshold-0.2,uniform \
+            --n 1000 --seeds 0,1,2 --steps 25 "${inception[@]}"
+        for g in 1 3 5; do
+            $DDM analyze --store "$store" --out "docs/results/mixture/guidance-$g" \
+                --strategies full,top-2 --labels uniform --guidance "$g" \
+                --n 1000 --seeds 0,1,2 --steps 25 "${inception[@]}"
+        done
+    fi
+    ;;
+fashion-mnist | mnist-5k)
+    expert_steps=${2:?optimizer steps per expert}
+    store="$ROOT/$name"
+    [ -e "$store/dataset.json" ] || $DDM prepare --store "$store" --dataset "$name" --clusters 8
+    # K=8 unet-tiny experts (the CPU default), batch 64; the monolith gets 8x an expert's
+    # steps: the same total training compute.
+    ROUTER_STEPS=$((6 * expert_steps)) MONOLITH_STEPS=$((8 * expert_steps)) \
+        train "$store" --steps "$expert_steps"
+    $DDM analyze --store "$store" --out "docs/results/$name" --include-monolith \
+        --strategies full,top-1,top-2,threshold-0.2,nearest-centroid,uniform \
+        --n 1000 --seeds 0,1,2 --steps 25 "${inception[@]}"
+    ;;
+*)
+    echo "unknown reproduction $name: mixture | mixture-sweeps | fashion-mnist | mnist-5k" >&2
+    exit 2
+    ;;
+esac
