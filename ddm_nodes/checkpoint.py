@@ -1,15 +1,26 @@
 """The one checkpoint format: a diffusers folder plus training.json and a sha256 manifest.
 
-    <prefix>/config.json                         diffusers config (`_class_name` says which model)
-    <prefix>/diffusion_pytorch_model.safetensors the weights to sample with (the EMA weights)
-    <prefix>/training.json                       typed model spec + training config
-    <prefix>/state.safetensors                   resumable state (raw weights, optimizer)
-    <prefix>/manifest.json                       sha256 of every file, step, images seen, loss...
+    <folder>/config.json                         diffusers config (`_class_name` says which model)
+    <folder>/diffusion_pytorch_model.safetensors the weights to sample with (the EMA weights)
+    <folder>/training.json                       typed model spec + training config
+    <folder>/state.safetensors                   resumable state (raw weights, optimizer)
+    <folder>/manifest.json                       sha256 of every file, step, images seen, loss...
 
 The manifest is written last, so a folder without one is incomplete and is never loaded.
 Loading verifies every file's sha256 before it is parsed and refuses a mismatch; only
 safetensors and JSON are read, nothing is ever unpickled. Model classes come from a fixed
 allow-list, never from the checkpoint.
+
+A finished model is published, not overwritten: `publish_checkpoint` writes a new folder
+`<prefix>/versions/<version>/`, reads every file of it back against its sha256, and only
+then replaces the pointer `<prefix>/current.json` (one atomic put) and deletes versions
+older than the one it replaced. A crash or a full disk at any point leaves the pointer on
+a whole, verified model; a replica pinned to the previous version can still load it.
+Readers go through `open_checkpoint`, which follows the pointer (or reads a folder that
+holds its own manifest: a step checkpoint, or a store written before versions).
+
+Every checkpoint records the sha256 of the `dataset.json` it was trained on, and
+`check_dataset` refuses one trained on another clustering of the store.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +41,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from ddm_nodes import __version__
-from ddm_nodes.errors import ManifestError
+from ddm_nodes.dataset_manifest import DatasetManifest
+from ddm_nodes.errors import IntegrityError, ManifestError
 from ddm_nodes.experts import DENOISER_CLASSES
 from ddm_nodes.features import safetensors_metadata
 from ddm_nodes.names import Kind
@@ -43,6 +56,8 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 TRAINING_FILE = "training.json"
 STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
+POINTER_FILE = "current.json"  # <prefix>/current.json: which version is the model
+VERSIONS_FOLDER = "versions"
 MODEL_CLASSES: dict[str, type] = {
     **DENOISER_CLASSES,
     RouterNet.__name__: RouterNet,
@@ -60,6 +75,9 @@ class CheckpointManifest(BaseModel):
     images_seen: int = Field(ge=0)
     loss: float | None = Field(None, description="mean training loss near this step")
     data_store: str = Field(description="store URI of the data it trained on")
+    dataset_sha256: str | None = Field(
+        None, description="sha256 of the dataset.json it trained on (None: written before 0.2)"
+    )
     final: bool = Field(description="True for the finished model, False mid-training")
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
     sha256: str = Field("", description="sha256 of the weights file")
@@ -67,11 +85,33 @@ class CheckpointManifest(BaseModel):
     ddm_version: str = __version__
 
 
+class VersionPointer(BaseModel):
+    """`<prefix>/current.json`: the published version of a model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    step: int = Field(ge=0)
+    published_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint as found: the folder its files are in, its manifest, and the sha256
+    of the manifest's bytes (which pins every file's)."""
+
+    folder: str
+    manifest: CheckpointManifest
+    manifest_sha256: str
+
+
 @dataclass
 class Loaded:
     model: torch.nn.Module
     training: dict[str, Any]
     manifest: CheckpointManifest
+    checkpoint: Checkpoint
 
 
 def save_checkpoint(
@@ -101,56 +141,155 @@ def save_checkpoint(
     return done
 
 
-def has_checkpoint(store: Store, prefix: str) -> bool:
-    """Whether a checkpoint (its manifest) exists under `prefix`."""
-    return store.exists(f"{prefix}/{MANIFEST_FILE}")
+def publish_checkpoint(
+    store: Store,
+    prefix: str,
+    model: Any,
+    training: dict[str, Any],
+    manifest: CheckpointManifest,
+) -> Checkpoint:
+    """Publish a finished model under `prefix` (see the module docstring); returns it."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    version = f"step-{manifest.step:06d}-{stamp}-{uuid.uuid4().hex[:8]}"
+    folder = f"{prefix}/{VERSIONS_FOLDER}/{version}"
+    save_checkpoint(store, folder, model, training, manifest)
+    published = _read_folder(store, folder)
+    for name in published.manifest.files:  # a version is published only once it reads back
+        fetch_verified(store, published, name)
+    before = _pointer(store, prefix)
+    pointer = VersionPointer(
+        version=version, manifest_sha256=published.manifest_sha256, step=manifest.step
+    )
+    store.put_bytes(f"{prefix}/{POINTER_FILE}", pointer.model_dump_json(indent=2).encode())
+    keep = {version} | ({before.version} if before is not None else set())
+    stale = [
+        key for key in store.list(f"{prefix}/{VERSIONS_FOLDER}/") if key.split("/")[-2] not in keep
+    ]
+    # a model written before versions: its files sit in the prefix itself
+    legacy = [f"{prefix}/{name}" for name in (*_MODEL_FILES, MANIFEST_FILE)]
+    store.delete(stale + legacy)
+    return published
 
 
-def read_manifest(store: Store, prefix: str) -> CheckpointManifest:
-    key = f"{prefix}/{MANIFEST_FILE}"
+_MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TRAINING_FILE, STATE_FILE)
+
+
+def _pointer(store: Store, prefix: str) -> VersionPointer | None:
+    key = f"{prefix}/{POINTER_FILE}"
     if not store.exists(key):
-        raise ManifestError(f"no checkpoint at {store.url(prefix)} (no {MANIFEST_FILE})")
-    return parse_versioned(
+        return None
+    try:
+        return VersionPointer.model_validate_json(store.get_bytes(key))
+    except ValueError as e:
+        raise ManifestError(
+            f"{store.url(key)} is not a version pointer ({type(e).__name__}); train the model "
+            "again (or restore the file)"
+        ) from e
+
+
+def has_checkpoint(store: Store, prefix: str) -> bool:
+    """Whether a published model, or a checkpoint folder, exists under `prefix`."""
+    return store.exists(f"{prefix}/{POINTER_FILE}") or store.exists(f"{prefix}/{MANIFEST_FILE}")
+
+
+def open_checkpoint(store: Store, prefix: str) -> Checkpoint:
+    """The checkpoint under `prefix`: the version its pointer names, else the folder itself."""
+    pointer = _pointer(store, prefix)
+    if pointer is None:
+        return _read_folder(store, prefix)
+    folder = f"{prefix}/{VERSIONS_FOLDER}/{pointer.version}"
+    return open_pinned(store, folder, pointer.manifest_sha256)
+
+
+def open_pinned(store: Store, folder: str, manifest_sha256: str) -> Checkpoint:
+    """Exactly the checkpoint whose manifest has this sha256 (what a router advertised), or
+    an IntegrityError: a replica never loads another model than the one it was deployed for."""
+    if not store.exists(f"{folder}/{MANIFEST_FILE}"):
+        raise IntegrityError(
+            f"{store.url(folder)} is gone: the model was retrained and this version deleted "
+            "since it was deployed; deploy again (`ddm serve`) to serve the current one"
+        )
+    found = _read_folder(store, folder)
+    if found.manifest_sha256 != manifest_sha256:
+        raise IntegrityError(
+            f"{store.url(folder)}/{MANIFEST_FILE} has sha256 {found.manifest_sha256[:12]}..., "
+            f"not the {manifest_sha256[:12]}... it was deployed with; deploy again"
+        )
+    return found
+
+
+def _read_folder(store: Store, folder: str) -> Checkpoint:
+    key = f"{folder}/{MANIFEST_FILE}"
+    if not store.exists(key):
+        raise ManifestError(f"no checkpoint at {store.url(folder)} (no {MANIFEST_FILE})")
+    data = store.get_bytes(key)
+    manifest = parse_versioned(
         CheckpointManifest,
-        store.get_bytes(key),
+        data,
         store.url(key),
         CHECKPOINT_FORMAT,
         "checkpoint manifest",
         "train it again (or restore the folder)",
     )
+    return Checkpoint(folder, manifest, sha256_bytes(data))
 
 
-def fetch_verified(store: Store, prefix: str, manifest: CheckpointManifest, name: str) -> bytes:
-    if name not in manifest.files:
-        raise ManifestError(f"checkpoint {store.url(prefix)} has no {name}")
-    return store.get_verified(f"{prefix}/{name}", manifest.files[name])
+def read_manifest(store: Store, prefix: str) -> CheckpointManifest:
+    return open_checkpoint(store, prefix).manifest
 
 
-def load_model(store: Store, prefix: str, kind: Kind | None = None) -> Loaded:
-    """The verified model of a checkpoint folder, in eval mode on the CPU."""
-    manifest = read_manifest(store, prefix)
+def fetch_verified(store: Store, checkpoint: Checkpoint, name: str) -> bytes:
+    if name not in checkpoint.manifest.files:
+        raise ManifestError(f"checkpoint {store.url(checkpoint.folder)} has no {name}")
+    return store.get_verified(f"{checkpoint.folder}/{name}", checkpoint.manifest.files[name])
+
+
+def check_dataset(
+    store: Store, checkpoint: Checkpoint, dataset: DatasetManifest, what: str, fix: str
+) -> None:
+    """ManifestError unless `checkpoint` was trained on this `dataset.json` (one recorded
+    before hashes were kept passes: there is nothing to compare)."""
+    trained_on = checkpoint.manifest.dataset_sha256
+    if trained_on is not None and trained_on != dataset.sha256:
+        raise ManifestError(
+            f"{what} at {store.url(checkpoint.folder)} was trained on another clustering of "
+            f"this store (dataset.json sha256 {trained_on[:12]}... then, "
+            f"{dataset.sha256[:12]}... now: `ddm prepare --overwrite` replaced it); {fix}"
+        )
+
+
+def load_model(
+    store: Store,
+    prefix: str,
+    kind: Kind | None = None,
+    *,
+    checkpoint: Checkpoint | None = None,
+) -> Loaded:
+    """The verified model under `prefix` (or of `checkpoint`), in eval mode on the CPU."""
+    ckpt = checkpoint or open_checkpoint(store, prefix)
+    manifest = ckpt.manifest
     if kind is not None and manifest.kind != kind:
-        raise ManifestError(f"{store.url(prefix)} holds a {manifest.kind}, not a {kind}")
-    config = json.loads(fetch_verified(store, prefix, manifest, CONFIG_FILE))
+        raise ManifestError(f"{store.url(ckpt.folder)} holds a {manifest.kind}, not a {kind}")
+    config = json.loads(fetch_verified(store, ckpt, CONFIG_FILE))
     cls = MODEL_CLASSES.get(config.get("_class_name", ""))
     if cls is None:
         raise ManifestError(
-            f"{store.url(prefix)} holds a {config.get('_class_name')!r}; ddm loads only "
+            f"{store.url(ckpt.folder)} holds a {config.get('_class_name')!r}; ddm loads only "
             f"{sorted(MODEL_CLASSES)}"
         )
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, CONFIG_FILE).write_text(json.dumps(config))
-        Path(tmp, WEIGHTS_FILE).write_bytes(fetch_verified(store, prefix, manifest, WEIGHTS_FILE))
+        Path(tmp, WEIGHTS_FILE).write_bytes(fetch_verified(store, ckpt, WEIGHTS_FILE))
         model = cls.from_pretrained(tmp, use_safetensors=True, low_cpu_mem_usage=False)
-    training = json.loads(fetch_verified(store, prefix, manifest, TRAINING_FILE))
-    return Loaded(model.eval(), training, manifest)
+    training = json.loads(fetch_verified(store, ckpt, TRAINING_FILE))
+    return Loaded(model.eval(), training, manifest, ckpt)
 
 
 def load_state(
-    store: Store, prefix: str, manifest: CheckpointManifest
+    store: Store, checkpoint: Checkpoint
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The resumable training state saved with a checkpoint: (tensors, metadata)."""
-    data = fetch_verified(store, prefix, manifest, STATE_FILE)
+    data = fetch_verified(store, checkpoint, STATE_FILE)
     meta = safetensors_metadata(data)
     return load_safetensors(data), json.loads(meta.get("meta", "{}"))
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ddm_nodes import __version__
 from ddm_nodes.errors import ManifestError
 from ddm_nodes.pretrained import PinnedModel
-from ddm_nodes.store import Store
+from ddm_nodes.store import Store, sha256_bytes
 from ddm_nodes.versioned_json import parse_versioned
 
 NULL_LABEL = -1  # an unlabelled sample; also the dropped ("null") class of guidance
@@ -26,10 +26,19 @@ Split = Literal["train", "heldout"]
 SPLIT_PREFIX: dict[str, str] = {"train": "shards", "heldout": "heldout"}
 
 
-def shard_key(split: Split, cluster: int, index: int, part: int | None = None) -> str:
+def shard_key(
+    split: Split,
+    cluster: int,
+    index: int,
+    part: int | None = None,
+    generation: str | None = None,
+) -> str:
     """Where a cluster's shard lives; `part` names the prepare task that wrote it, since
-    tasks write the shards of every cluster in parallel."""
+    tasks write the shards of every cluster in parallel; `generation` the `prepare
+    --overwrite` run, whose shards must not replace the ones the old dataset.json lists."""
     name = f"shard-{index:06d}" if part is None else f"shard-{part:05d}-{index:05d}"
+    if generation is not None:
+        name = f"{generation}-{name}"
     return f"{SPLIT_PREFIX[split]}/cluster-{cluster:03d}/{name}.tar"
 
 
@@ -65,6 +74,7 @@ class FeatureSpec(_Strict):
     )
     model: PinnedModel | None = Field(None, description="a learned extractor's pinned weights")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of features.safetensors")
+    key: str = Field(FEATURES_KEY, description="where the feature transform and centroids are")
 
 
 class LatentSpec(_Strict):
@@ -109,6 +119,7 @@ class DatasetManifest(_Strict):
     heldout: list[ClusterShards]
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     ddm_version: str = __version__
+    _sha256: str | None = PrivateAttr(None)  # of the bytes it was read from or saved as
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetManifest:
@@ -144,8 +155,21 @@ class DatasetManifest(_Strict):
             )
         return (self.train if split == "train" else self.heldout)[cluster].shards
 
+    @property
+    def sha256(self) -> str:
+        """What checkpoints record of the clustering they were trained on: the sha256 of
+        this manifest's `dataset.json` (new shards, centroids or seed: another hash)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_bytes(self._bytes())
+        return self._sha256
+
+    def _bytes(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
     def save(self, store: Store) -> None:
-        store.put_bytes(MANIFEST_KEY, self.model_dump_json(indent=2).encode())
+        data = self._bytes()
+        store.put_bytes(MANIFEST_KEY, data)
+        self._sha256 = sha256_bytes(data)
 
     @classmethod
     def load(cls, store: Store) -> DatasetManifest:
@@ -158,6 +182,8 @@ class DatasetManifest(_Strict):
 
     @classmethod
     def from_json(cls, data: bytes | str, where: str = MANIFEST_KEY) -> DatasetManifest:
-        return parse_versioned(
+        manifest = parse_versioned(
             cls, data, where, FORMAT_VERSION, "dataset manifest", "re-run `ddm prepare --overwrite`"
         )
+        manifest._sha256 = sha256_bytes(data.encode() if isinstance(data, str) else data)
+        return manifest

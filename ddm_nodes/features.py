@@ -253,23 +253,23 @@ class FeatureSpace:
         extractor = extractor_cls.restore(inner, meta.get("params", {}), store, pinned, device)
         return cls(extractor, tensors["centroids"], meta.get("metric", "euclidean"))
 
-    def save(self, store: Store) -> tuple[str, PinnedModel | None]:
-        """Pin a learned extractor's weights, then write `features.safetensors`; returns the
-        file's sha256 and the pinned weights, for the manifest."""
+    def save(self, store: Store, key: str = FEATURES_KEY) -> tuple[str, PinnedModel | None]:
+        """Pin a learned extractor's weights, then write `key` (`features.safetensors`);
+        returns the file's sha256 and the pinned weights, for the manifest."""
         pinned = self.extractor.pin(store)
         data = self.to_bytes()
-        store.put_bytes(FEATURES_KEY, data)
+        store.put_bytes(key, data)
         return sha256_bytes(data), pinned
 
     @classmethod
     def load(
         cls, store: Store, manifest: DatasetManifest, device: str | torch.device = "cpu"
     ) -> FeatureSpace:
-        data = store.get_verified(FEATURES_KEY, manifest.features.sha256)
+        data = store.get_verified(manifest.features.key, manifest.features.sha256)
         space = cls.from_bytes(data, store, manifest.features.model, device)
         if space.num_clusters != manifest.num_clusters:
             raise ManifestError(
-                f"{store.url(FEATURES_KEY)} has {space.num_clusters} centroids but the "
+                f"{store.url(manifest.features.key)} has {space.num_clusters} centroids but the "
                 f"manifest says K={manifest.num_clusters}; re-run `ddm prepare --overwrite`"
             )
         return space

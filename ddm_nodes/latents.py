@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ddm_nodes.checkpoint import CONFIG_FILE, WEIGHTS_FILE, has_checkpoint, read_manifest
+from ddm_nodes.checkpoint import CONFIG_FILE, WEIGHTS_FILE, has_checkpoint, open_checkpoint
 from ddm_nodes.dataset_manifest import LatentSpec
 from ddm_nodes.errors import DDMError
 from ddm_nodes.names import PRETRAINED_FOLDER, VAE_PREFIX
@@ -75,9 +75,9 @@ class LatentCodec:
                 f"store {store.uri} has no trained VAE for --latents vae:store: run "
                 f"`ddm train vae --store {store.uri}` first"
             )
-        ckpt = read_manifest(store, VAE_PREFIX)
-        files = {name: ckpt.files[name] for name in (CONFIG_FILE, WEIGHTS_FILE)}
-        pinned = PinnedModel(ref="store", prefix=VAE_PREFIX, files=files)
+        ckpt = open_checkpoint(store, VAE_PREFIX)
+        files = {name: ckpt.manifest.files[name] for name in (CONFIG_FILE, WEIGHTS_FILE)}
+        pinned = PinnedModel(ref="store", prefix=ckpt.folder, files=files)
         with materialized(store, pinned, "the store's VAE") as folder:
             codec = cls.from_folder(folder, "store", device, batch_size)
         codec.source = pinned

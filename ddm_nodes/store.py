@@ -1,7 +1,8 @@
 """The store: one interface over a local directory or an S3 prefix, addressed by a URI.
 
-`file:///abs/path` (or a plain path) and `s3://bucket/prefix` go through the same five
-operations: put (atomic), get, exists, list and open for streaming. Keys are relative,
+`file:///abs/path` (or a plain path) and `s3://bucket/prefix` go through the same
+operations: put (atomic), create (only if absent: S3's `If-None-Match: *`, a hard link
+locally), get, exists, list, delete and open for streaming. Keys are relative,
 '/'-separated paths under the store root, so a store can be copied from a directory to a
 bucket and every manifest in it stays valid.
 
@@ -48,18 +49,54 @@ def write_atomic(
         try:
             if source is not None:
                 shutil.copyfile(source, tmp)
+                _fsync_path(tmp)
             else:
                 with open(tmp, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_path(path.parent)  # the rename itself survives a crash only once this is done
         finally:
             tmp.unlink(missing_ok=True)
     except OSError as e:
         tail = f"; {hint}" if hint else ""
         raise StoreError(f"cannot write {path}: {e.strerror}{tail}") from e
     return path
+
+
+def create_exclusive(path: str | os.PathLike, data: bytes, *, hint: str = "") -> bool:
+    """Write `data` to `path` only if nothing is there: False when the file exists. The
+    content is complete before the name appears (a temp file, fsync, then a hard link, which
+    fails when the name is taken), so a reader never sees half of it."""
+    path = Path(path).expanduser()
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            _fsync_path(path.parent)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        tail = f"; {hint}" if hint else ""
+        raise StoreError(f"cannot write {path}: {e.strerror}{tail}") from e
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Store(ABC):
@@ -74,6 +111,11 @@ class Store(ABC):
     @abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write `data` so that readers see either the old object or the whole new one."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write `data` only if `key` does not exist (atomically: of two writers exactly one
+        wins); False when it exists. What writer locks are made of."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
@@ -133,6 +175,9 @@ class LocalStore(Store):
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         write_atomic(self._path(key), source=path, hint="check the --store path")
+
+    def create(self, key: str, data: bytes) -> bool:
+        return create_exclusive(self._path(key), data, hint="check the --store path")
 
     def get_bytes(self, key: str) -> bytes:
         with self.open(key) as f:
@@ -203,6 +248,20 @@ class S3Store(Store):
         with self._errors(key):
             self.client.upload_file(str(path), self.bucket, self._key(key))
 
+    def create(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            with self._errors(key, conflict_ok=True):
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+                )
+        except ClientError as e:  # only a 412 / 409 reaches here (conflict_ok)
+            if _error_code(e) in _CONFLICT_CODES:
+                return False
+            raise
+        return True
+
     def get_bytes(self, key: str) -> bytes:
         with self.open(key) as body:
             return body.read()
@@ -246,7 +305,9 @@ class S3Store(Store):
             self.client.head_bucket(Bucket=self.bucket)
 
     @contextlib.contextmanager
-    def _errors(self, key: str, *, missing_ok: bool = False) -> Iterator[None]:
+    def _errors(
+        self, key: str, *, missing_ok: bool = False, conflict_ok: bool = False
+    ) -> Iterator[None]:
         """Translate botocore's exceptions into one line that names the fix."""
         from botocore.exceptions import (
             ClientError,
@@ -270,6 +331,14 @@ class S3Store(Store):
             ) from e
         except ClientError as e:
             code = _error_code(e)
+            if conflict_ok and code in _CONFLICT_CODES:
+                raise
+            if code == "NotImplemented" and conflict_ok:
+                raise StoreError(
+                    f"the S3 server behind {where} does not support conditional writes "
+                    "(If-None-Match), which ddm's writer locks need: use AWS S3, MinIO or "
+                    "another server that does"
+                ) from e
             if code in {"NoSuchBucket"} or (code in {"404", "NotFound"} and not key):
                 raise StoreError(
                     f"bucket {self.bucket!r} does not exist: create it or fix --store {self.uri}"
@@ -289,6 +358,11 @@ class S3Store(Store):
                     raise
                 raise StoreError(f"{where} does not exist") from e
             raise StoreError(f"S3 error on {where}: {code}: {e}") from e
+
+
+# PreconditionFailed: the key exists; ConditionalRequestConflict: a concurrent conditional
+# write to the same key is in flight (AWS answers 409, the loser retries or gives way)
+_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
 def _error_code(e: Exception) -> str:

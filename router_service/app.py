@@ -7,8 +7,11 @@ their handles.
     serve run infra/serve/ddm.yaml                          # the Serve config file
 
 The store is checked before anything is deployed (dataset manifest, one trained expert
-per cluster, the pinned feature extractor and VAE unchanged), so a wrong path or an altered
-file fails here with a message, not later inside a replica.
+per cluster trained on this clustering, the pinned feature extractor and VAE unchanged),
+so a wrong path or an altered file fails here with a message, not later inside a replica.
+The expert versions found here are pinned: every replica, including one restarted later,
+loads exactly the manifest hash the router advertises, or fails and is reported
+unavailable.
 """
 
 from __future__ import annotations
@@ -34,18 +37,22 @@ def build_app(args: dict | AppArgs) -> Application:
     store = open_store(cfg.store)
     manifest = DatasetManifest.load(store)
     check_experts_present(store, manifest)
-    for k in range(manifest.num_clusters):  # each trained on its cluster, at the data's shape
-        expert_card(store, manifest, k)
+    # each trained on this clustering, on its cluster, at the data's shape; the versions
+    # found now are what every replica loads and the router advertises
+    cards = [expert_card(store, manifest, k) for k in range(manifest.num_clusters)]
     if manifest.features.model is not None:
         verify_pinned(store, manifest.features.model, "the feature extractor")
     if manifest.latents is not None:
         verify_pinned(store, manifest.latents.vae, "the VAE")
     args_json = cfg.model_dump_json()  # every replica parses the whole AppArgs
     experts = [
-        ExpertServer.options(**cfg.expert_options(k)).bind(args_json, k)
-        for k in range(manifest.num_clusters)
+        ExpertServer.options(**cfg.expert_options(card.id)).bind(args_json, card.model_dump_json())
+        for card in cards
     ]
     decoder = None
     if manifest.latents is not None:
         decoder = DecoderServer.options(**cfg.decoder_options()).bind(args_json)
-    return RouterServer.options(**cfg.router_options()).bind(args_json, experts, decoder)
+    cards_json = [card.model_dump_json() for card in cards]
+    return RouterServer.options(**cfg.router_options()).bind(
+        args_json, experts, decoder, cards_json
+    )

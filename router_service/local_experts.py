@@ -24,8 +24,9 @@ class LocalExperts(StoreModels):
     def __init__(self, store: Store | str | os.PathLike, device: str | torch.device = "cpu"):
         super().__init__(store if isinstance(store, Store) else str(store), device)
         self.experts: list[Expert] = [
-            load_expert(self.store, self.manifest, k, self.device) for k in self.expert_ids
-        ]
+            load_expert(self.store, self.manifest, card.id, self.device, card)
+            for card in self.cards
+        ]  # the versions its cards describe, even if one is published meanwhile
         self.calls = [0] * self.num_experts  # cumulative (a run's own: SampleResult)
 
     @property

@@ -5,9 +5,13 @@ Serve deployments: one expert, the router, and each expert's identity card.
 manifest, the router, the feature space and every expert's card, but no expert weights):
 the Serve router holds one; `LocalExperts` extends it with the experts themselves.
 
-Every load goes through `checkpoint.load_model` (each file's sha256 checked before it is
-parsed, nothing unpickled) and is checked against the dataset manifest: the expert must
-have been trained on the cluster it is loaded for and make the data set's state shape.
+Every load verifies each file's sha256 before it is parsed (nothing unpickled) and is
+checked against the dataset manifest: the expert must have been trained on this clustering
+(the dataset.json hash it recorded), on the cluster it is loaded for, and make the data
+set's state shape. An expert is built from the spec its training.json records, its
+config.json must agree with that spec, and its weights are loaded strictly (every tensor,
+no more). A card pins the version it describes, so a replica loads exactly what the router
+advertises (`load_expert(..., card=)`).
 
 In a latent dataset the experts and router work on VAE latents: `state_shape` is the
 latents' shape, `decoder` turns final states into images (one decode per request, here in
@@ -21,14 +25,19 @@ import json
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load as load_safetensors
 
 from ddm_nodes.checkpoint import (
-    MANIFEST_FILE,
+    CONFIG_FILE,
     TRAINING_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    check_dataset,
     fetch_verified,
     has_checkpoint,
     load_model,
-    read_manifest,
+    open_checkpoint,
+    open_pinned,
 )
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import ManifestError
@@ -37,7 +46,7 @@ from ddm_nodes.features import FeatureSpace
 from ddm_nodes.latents import DecodedFeatures, LatentCodec
 from ddm_nodes.names import ROUTER_PREFIX, expert_name, expert_prefix
 from ddm_nodes.router_net import RouterNet
-from ddm_nodes.store import Store, open_store, sha256_bytes
+from ddm_nodes.store import Store, open_store
 
 
 class ExpertCard(BaseModel):
@@ -49,6 +58,7 @@ class ExpertCard(BaseModel):
     name: str  # "expert-003": its deployment name too
     cluster: int
     sha256: str  # of the checkpoint manifest, which pins every file's sha256
+    folder: str  # the version folder that manifest is in
     preset: str
     conditional: bool
     step: int
@@ -84,29 +94,74 @@ def _checked_spec(
     return spec
 
 
+RETRAIN_EXPERTS = "retrain the experts with `ddm submit --clusters all --force`"
+
+
+def _expert_checkpoint(
+    store: Store, manifest: DatasetManifest, k: int, card: ExpertCard | None
+) -> tuple[Checkpoint, ExpertSpec]:
+    ckpt = (
+        open_checkpoint(store, expert_prefix(k))
+        if card is None
+        else open_pinned(store, card.folder, card.sha256)
+    )
+    if ckpt.manifest.kind != "expert":
+        raise ManifestError(f"{store.url(ckpt.folder)} holds a {ckpt.manifest.kind}, not an expert")
+    check_dataset(store, ckpt, manifest, expert_name(k), RETRAIN_EXPERTS)
+    training = json.loads(fetch_verified(store, ckpt, TRAINING_FILE))
+    return ckpt, _checked_spec(store, manifest, k, ckpt.manifest.cluster, training)
+
+
 def load_expert(
-    store: Store, manifest: DatasetManifest, k: int, device: str | torch.device = "cpu"
+    store: Store,
+    manifest: DatasetManifest,
+    k: int,
+    device: str | torch.device = "cpu",
+    card: ExpertCard | None = None,
 ) -> Expert:
-    """Expert k (trained on cluster k), verified, in eval mode on `device`."""
-    loaded = load_model(store, expert_prefix(k), kind="expert")
-    spec = _checked_spec(store, manifest, k, loaded.manifest.cluster, loaded.training)
-    return Expert(loaded.model, spec).to(device).eval()
+    """Expert k (trained on cluster k), verified, in eval mode on `device`: the version
+    `card` pins, else the published one."""
+    ckpt, spec = _expert_checkpoint(store, manifest, k, card)
+    expert = Expert.create(spec)
+    recorded = _config_fields(json.loads(fetch_verified(store, ckpt, CONFIG_FILE)))
+    built = _config_fields(dict(expert.denoiser.config))
+    differ = sorted(n for n in recorded.keys() | built.keys() if recorded.get(n) != built.get(n))
+    if differ:
+        raise ManifestError(
+            f"{store.url(ckpt.folder)}/{CONFIG_FILE} disagrees with the model spec its "
+            f"{TRAINING_FILE} records ({spec.preset}) on {', '.join(differ[:5])}: the folder "
+            "was altered; retrain the expert"
+        )
+    weights = load_safetensors(fetch_verified(store, ckpt, WEIGHTS_FILE))
+    try:
+        expert.denoiser.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise ManifestError(
+            f"{store.url(ckpt.folder)}: the weights do not fit the recorded spec ({first}); "
+            "retrain the expert"
+        ) from None
+    return expert.to(device).eval()
+
+
+def _config_fields(config: dict) -> dict:
+    """A diffusers config's fields, JSON-normalised (tuples as lists), without the `_`
+    bookkeeping keys (class name, diffusers version)."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if not k.startswith("_")}
 
 
 def expert_card(store: Store, manifest: DatasetManifest, k: int) -> ExpertCard:
     """Expert k's identity from its manifest and training.json (both verified)."""
-    prefix = expert_prefix(k)
-    ckpt = read_manifest(store, prefix)
-    training = json.loads(fetch_verified(store, prefix, ckpt, TRAINING_FILE))
-    spec = _checked_spec(store, manifest, k, ckpt.cluster, training)
+    ckpt, spec = _expert_checkpoint(store, manifest, k, None)
     return ExpertCard(
         id=k,
         name=expert_name(k),
         cluster=k,
-        sha256=sha256_bytes(store.get_bytes(f"{prefix}/{MANIFEST_FILE}")),
+        sha256=ckpt.manifest_sha256,
+        folder=ckpt.folder,
         preset=spec.preset,
         conditional=spec.conditional,
-        step=ckpt.step,
+        step=ckpt.manifest.step,
     )
 
 
@@ -116,7 +171,15 @@ def load_router(
     """The store's router network on `device`, or None when it has none."""
     if not has_checkpoint(store, ROUTER_PREFIX):
         return None
-    net = load_model(store, ROUTER_PREFIX, kind="router").model
+    loaded = load_model(store, ROUTER_PREFIX, kind="router")
+    check_dataset(
+        store,
+        loaded.checkpoint,
+        manifest,
+        "the router",
+        "retrain it with `ddm submit --router --force`",
+    )
+    net = loaded.model
     if net.config.num_clusters != manifest.num_clusters:
         raise ManifestError(
             f"{store.url(ROUTER_PREFIX)} routes over {net.config.num_clusters} "
@@ -146,12 +209,20 @@ class StoreModels:
     """A store's manifest, router (if any), feature space, expert cards and, in a latent
     dataset, its VAE."""
 
-    def __init__(self, store: Store | str, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        store: Store | str,
+        device: str | torch.device = "cpu",
+        cards: list[ExpertCard] | None = None,
+    ):
         self.store = store if isinstance(store, Store) else open_store(store)
         self.manifest = DatasetManifest.load(self.store)
         self.device = torch.device(device)
         check_experts_present(self.store, self.manifest)
-        self.cards = [expert_card(self.store, self.manifest, k) for k in self.expert_ids]
+        # `cards`: the versions a deployment pinned; each is checked as it is read again
+        self.cards = cards or [expert_card(self.store, self.manifest, k) for k in self.expert_ids]
+        for card in cards or []:
+            _expert_checkpoint(self.store, self.manifest, card.id, card)
         self.router_net: RouterNet | None = load_router(self.store, self.manifest, self.device)
         # the clustering's space, on images (the analysis embeds real images in it)
         self.feature_space = FeatureSpace.load(self.store, self.manifest, self.device)

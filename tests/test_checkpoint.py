@@ -23,6 +23,7 @@ from ddm_nodes.checkpoint import (
     CheckpointManifest,
     load_model,
     load_state,
+    open_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
     read_manifest,
@@ -257,7 +258,7 @@ def test_load_state_round_trip(store, router):
     }
     meta = {"step": 5, "images_seen": 40, "optimizer": {"param_groups": [{"lr": 0.1}]}}
     _saved_router(store, router, state=state, state_meta=meta)
-    tensors, got_meta = load_state(store, "router", read_manifest(store, "router"))
+    tensors, got_meta = load_state(store, open_checkpoint(store, "router"))
     assert got_meta == meta
     assert set(tensors) == set(state)
     for k, v in state.items():
@@ -266,7 +267,7 @@ def test_load_state_round_trip(store, router):
 
 def test_load_state_without_meta_gives_empty_meta(store, router):
     _saved_router(store, router, state={"x": torch.ones(2)})
-    tensors, meta = load_state(store, "router", read_manifest(store, "router"))
+    tensors, meta = load_state(store, open_checkpoint(store, "router"))
     assert meta == {}
     assert torch.equal(tensors["x"], torch.ones(2))
 
@@ -274,7 +275,7 @@ def test_load_state_without_meta_gives_empty_meta(store, router):
 def test_load_state_of_a_final_checkpoint_is_refused(store, router):
     _saved_router(store, router)  # no state
     with pytest.raises(ManifestError, match=STATE_FILE):
-        load_state(store, "router", read_manifest(store, "router"))
+        load_state(store, open_checkpoint(store, "router"))
 
 
 def test_a_corrupted_state_file_is_refused(store, router):
@@ -284,7 +285,7 @@ def test_a_corrupted_state_file_is_refused(store, router):
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="does not match"):
-        load_state(store, "router", read_manifest(store, "router"))
+        load_state(store, open_checkpoint(store, "router"))
 
 
 def _tiny_net(seed: int) -> torch.nn.Module:

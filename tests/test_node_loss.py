@@ -31,7 +31,13 @@ import pytest
 from conftest import ddm_serving, free_port, run_ddm
 
 from cluster_jobs.ops.local_cluster import node_resource
-from ddm_nodes.checkpoint import TRAINING_FILE, fetch_verified, load_model, read_manifest
+from ddm_nodes.checkpoint import (
+    TRAINING_FILE,
+    fetch_verified,
+    load_model,
+    open_checkpoint,
+    read_manifest,
+)
 from ddm_nodes.errors import DDMError
 from ddm_nodes.names import expert_prefix
 from ddm_nodes.store import open_store
@@ -151,7 +157,7 @@ def latest(store, k: int) -> dict | None:
 
 
 def load_training(store, prefix: str) -> dict:
-    return json.loads(fetch_verified(store, prefix, read_manifest(store, prefix), TRAINING_FILE))
+    return json.loads(fetch_verified(store, open_checkpoint(store, prefix), TRAINING_FILE))
 
 
 def test_a_lost_node_costs_its_expert_one_checkpoint_interval(cluster, store, tmp_path):

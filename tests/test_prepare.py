@@ -228,7 +228,7 @@ def test_overwrite_replaces_everything(prepared_digits, tmp_path):
     )
     # no stale shard from the earlier, finer preparation survives
     assert sorted(store.list("shards/") + store.list("heldout/")) == shards
-    assert store.list() == sorted(shards + [MANIFEST_KEY, FEATURES_KEY])
+    assert store.list() == sorted(shards + [MANIFEST_KEY, manifest.features.key])
     keys = {
         s["key"]
         for c in range(3)

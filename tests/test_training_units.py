@@ -209,6 +209,7 @@ NON_DEFAULT = dict(
     seed=9,
     max_failures=1,
     restart=True,
+    lock_ttl_s=30.0,
 )
 
 
@@ -617,7 +618,9 @@ def test_save_then_restore_resumes_exactly(prepared, tmp_path, kind, preset):
     model, ema, opt = _trained(task, cfg)
     state = TrainState(step=2, images_seen=16)
 
-    prefix = save_training_checkpoint(cfg, task, store, model, ema, opt, state, 0.25, final=False)
+    prefix = save_training_checkpoint(
+        cfg, task, store, model, ema, opt, state, 0.25, final=False, dataset=manifest
+    )
     assert prefix == f"{cfg.prefix}/checkpoints/step-000002"
     assert json.loads(store.get_bytes(f"{cfg.prefix}/{LATEST}"))["prefix"] == prefix
 
@@ -625,7 +628,7 @@ def test_save_then_restore_resumes_exactly(prepared, tmp_path, kind, preset):
     assert not torch.equal(
         next(iter(model2.state_dict().values())), next(iter(model.state_dict().values()))
     )
-    got = restore(cfg, task, store, prefix, model2, ema2, opt2)
+    got = restore(cfg, task, store, prefix, model2, ema2, opt2, manifest)
 
     assert (got.step, got.images_seen) == (2, 16)
     _assert_same_state(model2.state_dict(), model.state_dict())
@@ -658,7 +661,7 @@ def test_the_checkpoint_weights_are_the_ema_weights(prepared, tmp_path):
     task = make_task(cfg, manifest)
     model, ema, opt = _trained(task, cfg)
     prefix = save_training_checkpoint(
-        cfg, task, store, model, ema, opt, TrainState(2, 16), None, final=True
+        cfg, task, store, model, ema, opt, TrainState(2, 16), None, final=True, dataset=manifest
     )
     assert prefix == "router"
     loaded = load_model(store, prefix, kind="router")
@@ -678,13 +681,13 @@ def test_restore_with_another_model_spec_asks_for_restart(prepared, tmp_path, ch
     task = make_task(cfg, manifest)
     model, ema, opt = _trained(task, cfg, steps=1)
     prefix = save_training_checkpoint(
-        cfg, task, store, model, ema, opt, TrainState(1, 2), None, final=False
+        cfg, task, store, model, ema, opt, TrainState(1, 2), None, final=False, dataset=manifest
     )
     other_cfg = _cfg(root, **change)
     other = make_task(other_cfg, manifest)
     m2, e2, o2 = _fresh(other)
     with pytest.raises(DDMError, match="--restart"):
-        restore(other_cfg, other, store, prefix, m2, e2, o2)
+        restore(other_cfg, other, store, prefix, m2, e2, o2, manifest)
 
 
 def _router_checkpoints(prepared, tmp_path, steps, keep):
@@ -695,7 +698,16 @@ def _router_checkpoints(prepared, tmp_path, steps, keep):
     model, ema, opt = _trained(task, cfg, steps=1)
     for s in steps:
         save_training_checkpoint(
-            cfg, task, store, model, ema, opt, TrainState(s, s * 2), None, final=False
+            cfg,
+            task,
+            store,
+            model,
+            ema,
+            opt,
+            TrainState(s, s * 2),
+            None,
+            final=False,
+            dataset=manifest,
         )
     folders = sorted({Path(k).parent.name for k in store.list("router/checkpoints/step-")})
     return cfg, store, folders
@@ -732,7 +744,7 @@ def test_find_resume_point_outside_ray(prepared, tmp_path):
     task = make_task(cfg, manifest)
     model, ema, opt = _trained(task, cfg, steps=1)
     prefix = save_training_checkpoint(
-        cfg, task, store, model, ema, opt, TrainState(5, 10), None, final=False
+        cfg, task, store, model, ema, opt, TrainState(5, 10), None, final=False, dataset=manifest
     )
     assert find_resume_point(cfg, store) == prefix == "experts/expert-001/checkpoints/step-000005"
     assert find_resume_point(_cfg(root, cluster=2), store) is None  # another expert's is not ours

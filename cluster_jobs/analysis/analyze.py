@@ -29,7 +29,7 @@ import torch
 
 from cluster_jobs.analysis import alignment, intervals, quality, stability
 from cluster_jobs.analysis.config import AnalyzeConfig
-from ddm_nodes.checkpoint import has_checkpoint, load_model
+from ddm_nodes.checkpoint import check_dataset, has_checkpoint, load_model
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import Expert, ExpertSpec
@@ -67,6 +67,10 @@ class _Monolith:
 
     def __init__(self, store, models):
         loaded = load_model(store, MONOLITH_PREFIX, kind="monolith")
+        check_dataset(
+            store, loaded.checkpoint, models.manifest, "the monolith",
+            "retrain it with `ddm submit --monolith --force`",
+        )  # fmt: skip
         self.expert = Expert(loaded.model, ExpertSpec(**loaded.training["model"])).eval()
         self.state_shape = models.state_shape
         self.decoder = models.decoder

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddm_nodes.checkpoint import has_checkpoint, load_model
+from ddm_nodes.checkpoint import check_dataset, has_checkpoint, load_model
+from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.names import FEATNET_PREFIX
 from ddm_nodes.router_net import RouterNet
@@ -71,6 +72,10 @@ class FeatNet:
     def load(cls, store: Store) -> FeatNet:
         cls.check_present(store)
         loaded = load_model(store, FEATNET_PREFIX, kind="featnet")
+        check_dataset(
+            store, loaded.checkpoint, DatasetManifest.load(store), "the feature network",
+            "retrain it with `ddm submit --featnet --force`",
+        )  # fmt: skip
         accuracy = loaded.training.get("evaluation", {}).get("heldout_accuracy")
         return cls(loaded.model.eval(), accuracy)
 

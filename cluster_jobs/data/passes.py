@@ -101,6 +101,7 @@ class WritePlan:
 
     clusters: np.ndarray  # int64
     heldout: np.ndarray  # bool
+    generation: str | None = None  # prepare --overwrite's: new shards beside the old ones
 
 
 def write_part(
@@ -131,7 +132,9 @@ def write_part(
                 c = int(plan.clusters[n])
                 key = (split, c)
                 if key not in streams:
-                    streams[key] = ShardStream(store, split, c, shard_size, folder, part.number)
+                    streams[key] = ShardStream(
+                        store, split, c, shard_size, folder, part.number, plan.generation
+                    )
                 label = None if batch.labels is None else int(batch.labels[j])
                 streams[key].add(
                     sample(f"{index:08d}", batch.images[j], c, label, None if z is None else z[j])

@@ -19,6 +19,7 @@ import contextlib
 import multiprocessing
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -172,16 +173,16 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> PrepareResu
     clock.lap("assign")
     held = heldout_mask(clusters, cfg.heldout_fraction, cfg.seed)
 
-    # Invalidate first: from here until the new manifest lands, the store has none.
-    store.delete([MANIFEST_KEY])
-    stale = [k for prefix in SPLIT_PREFIX.values() for k in store.list(prefix + "/")]
-    store.delete(stale + [FEATURES_KEY] + store.list(PRETRAINED_FOLDER + "/"))
+    # Over a prepared store the new files go beside the old ones, under a generation of
+    # their own, and dataset.json (the one pointer to them) is replaced last: until then
+    # the old data set stays whole and servable, and a run killed half-way leaves it so.
+    generation = uuid.uuid4().hex[:8] if store.exists(MANIFEST_KEY) else None
     # pinned before the shards: every writer encodes with the store's verified copy
     latent_spec = None if codec is None else codec.pin(store, latent_shape)
     plans = []
     for part in parts:
         at = np.searchsorted(source.kept, part.indices)
-        plans.append(WritePlan(clusters[at], held[at]))
+        plans.append(WritePlan(clusters[at], held[at], generation))
     written: dict[tuple[str, int], list[ShardEntry]] = {}
     for entries in engine.write(source, parts, plans, latent_spec, progress):
         for split, c, entry in entries:
@@ -199,7 +200,8 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> PrepareResu
     }
     clock.lap("write")
 
-    features_sha, features_model = clustering.space.save(store)
+    features_key = FEATURES_KEY if generation is None else f"features-{generation}.safetensors"
+    features_sha, features_model = clustering.space.save(store, features_key)
     h, w, ch = source.image_shape
     manifest = DatasetManifest(
         source=source.name,
@@ -216,6 +218,7 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> PrepareResu
             metric=clustering.space.metric,
             model=features_model,
             sha256=features_sha,
+            key=features_key,
         ),
         latents=latent_spec,
         seed=cfg.seed,
@@ -232,9 +235,25 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> PrepareResu
         heldout=splits["heldout"],
     )
     manifest.save(store)
+    _delete_unlisted(store, manifest)
     clock.lap("manifest")
     sizes = {"images": len(source), "parts": len(parts), "write_nodes": len(engine.nodes)}
     return PrepareResult(manifest, clock.laps, sizes)
+
+
+def _delete_unlisted(store, manifest: DatasetManifest) -> None:
+    """Once the new dataset.json is in place: every shard, feature file and pinned model
+    file it does not list (an older generation's, or a killed run's)."""
+    splits = (manifest.train, manifest.heldout)
+    listed = {s.key for split in splits for c in split for s in c.shards}
+    listed.add(manifest.features.key)
+    for pinned in (manifest.features.model, manifest.latents and manifest.latents.vae):
+        if pinned is not None:
+            listed |= {f"{pinned.prefix}/{name}" for name in pinned.files}
+    candidates = [k for prefix in SPLIT_PREFIX.values() for k in store.list(prefix + "/")]
+    candidates += [k for k in store.list("features") if k.endswith(".safetensors")]
+    candidates += store.list(PRETRAINED_FOLDER + "/")
+    store.delete([k for k in candidates if k not in listed])
 
 
 def _engine(cfg: PrepareConfig):

@@ -112,9 +112,10 @@ class ShardStream:
         shard_size: int,
         folder: str,
         part: int | None = None,
+        generation: str | None = None,
     ):
         self.store, self.split, self.cluster = store, split, cluster
-        self.shard_size, self.part = shard_size, part
+        self.shard_size, self.part, self.generation = shard_size, part, generation
         self.path = os.path.join(folder, f"{split}-{cluster}.tar")
         self.entries: list[ShardEntry] = []
         self._file: Any = None
@@ -146,7 +147,7 @@ class ShardStream:
     def _flush(self) -> None:
         self._sink.close()
         self._file.close()
-        key = shard_key(self.split, self.cluster, len(self.entries), self.part)
+        key = shard_key(self.split, self.cluster, len(self.entries), self.part, self.generation)
         digest = hashlib.sha256()
         with open(self.path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

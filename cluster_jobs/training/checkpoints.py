@@ -2,8 +2,11 @@
 
 Every `checkpoint_every` steps rank 0 writes `<prefix>/checkpoints/step-NNNNNN/` (weights,
 EMA, optimizer state) and then the atomic pointer `<prefix>/checkpoints/latest.json`; the
-finished model goes to `<prefix>/` itself. A job resumes from the newest of the store's
-pointer and Ray Train's own checkpoint, so at most `checkpoint_every` steps are redone.
+finished model is published as a new version behind `<prefix>/current.json`
+(checkpoint.publish_checkpoint), so the model being served stays whole until its successor
+has been written and read back. A job resumes from the newest of the store's pointer and
+Ray Train's own checkpoint, so at most `checkpoint_every` steps are redone. Only the job
+holding the prefix's writer lock (writer_lock.py) writes any of it.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from ddm_nodes.checkpoint import (
     TRAINING_FILE,
     WEIGHTS_FILE,
     CheckpointManifest,
+    check_dataset,
     fetch_verified,
     has_checkpoint,
     load_state,
+    open_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
-    read_manifest,
+    publish_checkpoint,
     save_checkpoint,
 )
 from ddm_nodes.dataset_manifest import DatasetManifest
@@ -33,6 +38,7 @@ from ddm_nodes.store import Store
 
 log = logging.getLogger("ddm.train")
 LATEST = "checkpoints/latest.json"
+RUN_STORAGE = "ray-train"  # the store's folder for Ray Train's run storage
 
 
 @dataclass
@@ -43,6 +49,16 @@ class TrainState:
 
 def _step_prefix(cfg: TrainConfig, step: int) -> str:
     return f"{cfg.prefix}/checkpoints/step-{step:06d}"
+
+
+def discard_progress(cfg: TrainConfig, store: Store, run_name: str | None = None) -> None:
+    """What `--restart` discards before training: the resumable checkpoints (and Ray Train's
+    run of `run_name`), never the published model, which stays servable until the new one
+    is published over it."""
+    keys = store.list(f"{cfg.prefix}/checkpoints/")
+    if run_name is not None:
+        keys += store.list(f"{RUN_STORAGE}/{run_name}/")
+    store.delete(keys)
 
 
 def find_resume_point(
@@ -80,8 +96,10 @@ def save_training_checkpoint(
     *,
     final: bool,
     node: dict | None = None,
+    dataset: DatasetManifest,
 ) -> str:
-    """Rank 0 only. Returns the prefix written; `node`: the Ray node rank 0 runs on."""
+    """Rank 0 only. Returns the prefix written (a final model: `cfg.prefix`, where its
+    pointer is); `node`: the Ray node rank 0 runs on; `dataset`: what it trained on."""
     prefix = cfg.prefix if final else _step_prefix(cfg, state.step)
     training = {
         "config": cfg.model_dump(),
@@ -91,9 +109,7 @@ def save_training_checkpoint(
         "node": node,
     }
     if final and hasattr(task, "evaluate"):  # e.g. the featnet's held-out accuracy
-        training["evaluation"] = task.evaluate(
-            task.weights_module(ema), store, DatasetManifest.load(store)
-        )
+        training["evaluation"] = task.evaluate(task.weights_module(ema), store, dataset)
     manifest = CheckpointManifest(
         kind=cfg.kind,
         cluster=cfg.cluster,
@@ -101,6 +117,7 @@ def save_training_checkpoint(
         images_seen=state.images_seen,
         loss=loss,
         data_store=store.uri,
+        dataset_sha256=dataset.sha256,
         final=final,
     )
     tensors, meta = None, None
@@ -111,12 +128,14 @@ def save_training_checkpoint(
             **opt_tensors,
         }
         meta = {"optimizer": opt_meta, "step": state.step, "images_seen": state.images_seen}
+    if final:
+        publish_checkpoint(store, prefix, task.weights_module(ema), training, manifest)
+        return prefix
     save_checkpoint(store, prefix, task.weights_module(ema), training, manifest, tensors, meta)
-    if not final:
-        store.put_bytes(
-            f"{cfg.prefix}/{LATEST}", json.dumps({"prefix": prefix, "step": state.step}).encode()
-        )
-        _prune(cfg, store)
+    store.put_bytes(
+        f"{cfg.prefix}/{LATEST}", json.dumps({"prefix": prefix, "step": state.step}).encode()
+    )
+    _prune(cfg, store)
     return prefix
 
 
@@ -127,17 +146,27 @@ def _prune(cfg: TrainConfig, store: Store) -> None:
         store.delete([k for k in keys if k.split("/")[-2] == old])
 
 
-def restore(cfg: TrainConfig, task, store: Store, prefix: str, model, ema, optimizer) -> TrainState:
-    manifest = read_manifest(store, prefix)
-    tensors, meta = load_state(store, prefix, manifest)
-    saved = json.loads(fetch_verified(store, prefix, manifest, TRAINING_FILE))
+def restore(
+    cfg: TrainConfig,
+    task,
+    store: Store,
+    prefix: str,
+    model,
+    ema,
+    optimizer,
+    dataset: DatasetManifest,
+) -> TrainState:
+    ckpt = open_checkpoint(store, prefix)
+    check_dataset(store, ckpt, dataset, cfg.name, "pass --restart (`ddm submit --force`)")
+    tensors, meta = load_state(store, ckpt)
+    saved = json.loads(fetch_verified(store, ckpt, TRAINING_FILE))
     if saved["model"] != task.spec_json():
         raise DDMError(
             f"{cfg.name}: checkpoint {store.url(prefix)} was trained with {saved['model']}, "
             f"not {task.spec_json()}; pass --restart to discard it"
         )
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema_weights = load_safetensors(fetch_verified(store, prefix, manifest, WEIGHTS_FILE))
+    ema_weights = load_safetensors(fetch_verified(store, ckpt, WEIGHTS_FILE))
     task.weights_module(ema).load_state_dict(ema_weights)
     optimizer.load_state_dict(optimizer_from_tensors(tensors, meta["optimizer"]))
     return TrainState(step=meta["step"], images_seen=meta["images_seen"])

@@ -136,7 +136,16 @@ class TrainConfig(BaseModel):
     )
     restart: bool = Field(
         False,
-        description="discard existing checkpoints and start over",
+        description="discard the resumable checkpoints and start over (the published model "
+        "stays servable until the new one replaces it)",
+        json_schema_extra=SCHEDULING,
+    )
+    lock_ttl_s: float = Field(
+        120,
+        ge=5,
+        le=86400,
+        description="the model's writer lock expires this long after its holder's last "
+        "heartbeat (a job that died without releasing it)",
         json_schema_extra=SCHEDULING,
     )
 

@@ -11,19 +11,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from cluster_jobs.training.checkpoints import RUN_STORAGE, discard_progress, find_resume_point
 from cluster_jobs.training.config import TrainConfig
 from cluster_jobs.training.loader import loader_workers
 from cluster_jobs.training.tasks import validate
 from cluster_jobs.training.worker import loop_config, train_loop
-from ddm_nodes.checkpoint import TRAINING_FILE, fetch_verified, has_checkpoint, read_manifest
+from cluster_jobs.training.writer_lock import writer_lock
+from ddm_nodes.checkpoint import (
+    TRAINING_FILE,
+    check_dataset,
+    fetch_verified,
+    has_checkpoint,
+    open_checkpoint,
+)
+from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.store import S3Store, Store
 
 log = logging.getLogger("ddm.train")
-RUN_STORAGE = "ray-train"  # the store's folder for Ray Train's run storage
+RETRAIN = "retrain it with --restart (`ddm submit --force`)"
 
 
 def run_storage(store: Store) -> tuple[str, Any]:
@@ -62,33 +72,62 @@ class TrainOutcome:
 
 def _evaluation(store, prefix: str) -> dict | None:
     """What the final checkpoint's training.json records of its held-out evaluation."""
-    manifest = read_manifest(store, prefix)
-    return json.loads(fetch_verified(store, prefix, manifest, TRAINING_FILE)).get("evaluation")
+    ckpt = open_checkpoint(store, prefix)
+    return json.loads(fetch_verified(store, ckpt, TRAINING_FILE)).get("evaluation")
+
+
+def already_trained(cfg: TrainConfig, store: Store) -> TrainOutcome | None:
+    """The outcome of a published model that already satisfies `cfg`, else None. A model or
+    resumable checkpoint trained on another clustering of the store is refused (a
+    DDMError): it is not "done", and resuming it would continue another data set's run."""
+    if cfg.restart:
+        return None
+    dataset = DatasetManifest.load(store)
+    resume = find_resume_point(cfg, store)
+    if resume is not None:
+        check_dataset(store, open_checkpoint(store, resume), dataset, cfg.name, RETRAIN)
+    if not has_checkpoint(store, cfg.prefix):
+        return None
+    ckpt = open_checkpoint(store, cfg.prefix)
+    check_dataset(store, ckpt, dataset, cfg.name, RETRAIN)
+    done = ckpt.manifest
+    if not (done.final and done.step >= cfg.steps):
+        return None
+    log.info("%s: already trained to step %d; nothing to do", cfg.name, done.step)
+    evaluation = json.loads(fetch_verified(store, ckpt, TRAINING_FILE)).get("evaluation")
+    return TrainOutcome(
+        cfg.name, cfg.prefix, done.step, done.images_seen, done.loss, True, evaluation=evaluation
+    )
+
+
+def _exit_on_sigterm() -> None:
+    """`ray job stop` sends SIGTERM: unwind (releasing the writer lock) instead of dying."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def launch(cfg: TrainConfig) -> TrainOutcome:
     """Train one model with a Ray Train TorchTrainer (connects to the job's Ray cluster)."""
+    store, _ = validate(cfg)
+    done = already_trained(cfg, store)
+    if done is not None:
+        return done
+    _exit_on_sigterm()
+    with writer_lock(cfg, store):
+        return _fit(cfg, store)
+
+
+def _fit(cfg: TrainConfig, store: Store) -> TrainOutcome:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    store, _ = validate(cfg)
-    if not cfg.restart and has_checkpoint(store, cfg.prefix):
-        done = read_manifest(store, cfg.prefix)
-        if done.final and done.step >= cfg.steps:
-            log.info("%s: already trained to step %d; nothing to do", cfg.name, done.step)
-            return TrainOutcome(
-                cfg.name,
-                cfg.prefix,
-                done.step,
-                done.images_seen,
-                done.loss,
-                True,
-                evaluation=_evaluation(store, cfg.prefix),
-            )
     run_name = f"ddm-{cfg.name}-{cfg.config_hash()}"
     if cfg.restart:  # Ray's run of the same name would hand the ranks its old pointer
-        store.delete(store.list(cfg.prefix + "/") + store.list(f"{RUN_STORAGE}/{run_name}/"))
+        discard_progress(cfg, store, run_name)
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     storage_path, storage_filesystem = run_storage(store)

@@ -25,6 +25,7 @@ import torch
 
 from cluster_jobs.training.checkpoints import (
     TrainState,
+    discard_progress,
     find_resume_point,
     restore,
     save_training_checkpoint,
@@ -37,6 +38,7 @@ from cluster_jobs.training.tasks import (
     make_task,
     validate,
 )
+from cluster_jobs.training.writer_lock import writer_lock
 from ddm_nodes import flow
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.store import open_store
@@ -156,7 +158,9 @@ class Worker:
         # With --restart the launcher emptied the store's checkpoints first.
         resume = find_resume_point(cfg, self.store, reporter.resume_pointer())
         if resume is not None:
-            self.state = restore(cfg, self.task, self.store, resume, model, self.ema, optimizer)
+            self.state = restore(
+                cfg, self.task, self.store, resume, model, self.ema, optimizer, self.manifest
+            )
             log.info(
                 "%s: resumed from %s at step %d", cfg.name, self.store.url(resume), self.state.step
             )
@@ -244,6 +248,7 @@ class Worker:
             loss,
             final=final,
             node=self.reporter.node(),
+            dataset=self.manifest,
         )
         metrics["prefix"] = prefix
         self.reporter.report(metrics, {"prefix": prefix, "step": state.step})
@@ -278,8 +283,10 @@ def train_loop(loop: dict[str, str]) -> None:
 
 
 def train_local(cfg: TrainConfig) -> dict[str, Any]:
-    """The same worker in this process, without Ray (single rank)."""
+    """The same worker in this process, without Ray (single rank), under the same writer
+    lock as a job."""
     store, _ = validate(cfg)
-    if cfg.restart:  # as the launcher does before any worker starts
-        store.delete(store.list(cfg.prefix + "/"))
-    return Worker(cfg, 0, 1, LocalReporter()).run()
+    with writer_lock(cfg, store):
+        if cfg.restart:  # as the launcher does before any worker starts
+            discard_progress(cfg, store)
+        return Worker(cfg, 0, 1, LocalReporter()).run()
