@@ -8,13 +8,19 @@ an unknown argument is refused.
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ddm_nodes.names import expert_name
 from router_service.policies import get_policy
-from router_service.schemas import Limits
+from router_service.schemas import DEFAULT_ALLOWED_HOSTS, Limits
+
+# a DNS name, an IPv4 address or a bracketed or bare IPv6 address, optionally with :port
+_HOST = re.compile(
+    r"\*|[A-Za-z0-9._-]{1,253}(:[0-9]{1,5})?|\[?[0-9A-Fa-f:.]{2,45}\]?(:[0-9]{1,5})?"
+)
 
 
 class Autoscaling(BaseModel):
@@ -88,6 +94,25 @@ class AppArgs(BaseModel):
     api_key: str | None = Field(
         None, min_length=8, description="bearer key for /v1/* (default: $DDM_API_KEY)"
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED_HOSTS),
+        min_length=1,
+        max_length=64,
+        description="Host header values /v1/* answer (ports ignored; '[::1]' or '::1'; '*' "
+        "answers any): the names and addresses clients use, against DNS rebinding; other "
+        "hosts get 421. `ddm serve --host H` adds H",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _plain_hosts(cls, hosts: list[str]) -> list[str]:
+        for h in hosts:
+            if not _HOST.fullmatch(h):
+                raise ValueError(
+                    f"allowed_hosts entry {h[:100]!r} is not a host name or address (optionally "
+                    "with :port), e.g. 'ddm.example.org', '10.0.0.5', '[::1]', or '*' for any"
+                )
+        return hosts
 
     @model_validator(mode="after")
     def _defaults_from_env(self) -> AppArgs:

@@ -23,22 +23,25 @@ from router_service.http_api import make_api
 from router_service.metrics import ExpertMetrics, RouterMetrics
 from router_service.remote_experts import RemoteDecoder, RemoteExperts
 from router_service.service import Admission, SamplingService
-from router_service.store_models import StoreModels, load_expert
+from router_service.store_models import ExpertCard, StoreModels, load_expert
 
 _initial = BatchConfig()
 
 
 @serve.deployment
 class ExpertServer:
-    """Expert k, loaded hash-verified from the store, answering batched predict calls."""
+    """Expert k, loaded hash-verified from the store, answering batched predict calls: the
+    version its card pins (the one the router advertises), never whatever the store's
+    pointer says when the replica happens to (re)start."""
 
-    def __init__(self, args: str, expert_id: int):
+    def __init__(self, args: str, card: str):
         cfg = AppArgs.model_validate_json(args)
         torch.set_num_threads(cfg.torch_threads)
         s = open_store(cfg.store)
-        self.k = expert_id
+        pinned = ExpertCard.model_validate_json(card)
+        self.k = pinned.id
         self.device = torch.device(cfg.device)
-        self.expert = load_expert(s, DatasetManifest.load(s), expert_id, self.device)
+        self.expert = load_expert(s, DatasetManifest.load(s), pinned.id, self.device, pinned)
         self.metrics = ExpertMetrics()
         self.max_batch = _initial.max_batch
         # The batch queue belongs to this replica, not to the class: a class-level one is
@@ -120,14 +123,15 @@ api = make_api(current_service)
 class RouterServer:
     """The HTTP ingress: routes every step and fans out to the expert deployments."""
 
-    def __init__(self, args: str, experts: list, decoder=None):
+    def __init__(self, args: str, experts: list, decoder=None, cards: list[str] | None = None):
         cfg = AppArgs.model_validate_json(args)
         torch.set_num_threads(cfg.torch_threads)
         metrics = RouterMetrics()
         remote = RemoteExperts(
             experts, cfg.expert_timeout_s, cfg.expert_retries, cfg.expert_down_for_s, metrics
         )
-        models = StoreModels(cfg.store)
+        pinned = [ExpertCard.model_validate_json(c) for c in cards] if cards else None
+        models = StoreModels(cfg.store, cards=pinned)
         self.app_name = serve.get_replica_context().app_name
         self._counts: tuple[float, dict[str, int]] = (0.0, {})
         install_service(
@@ -141,6 +145,8 @@ class RouterServer:
                 self.replica_counts,
                 default_strategy=cfg.default_strategy,
                 decoder=None if decoder is None else RemoteDecoder(decoder, cfg.expert_timeout_s),
+                allowed_hosts=cfg.allowed_hosts,
+                request_ids_from_proxy=True,  # Serve's proxy ids every request and response
             )
         )
 

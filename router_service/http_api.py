@@ -6,27 +6,40 @@
     GET  /healthz                 the process answers (liveness)
     GET  /readyz                  every expert has a live replica (readiness); 503 if not
 
-With an API key configured, /v1/* need `Authorization: Bearer KEY` (401 otherwise);
-/healthz and /readyz stay open for probes. Every error is JSON in the OpenAI shape,
-{"error": {"message", "type", "param"}}: 401 no/wrong key, 413 body over the limit, 422 a
-request the client can fix (the message names the field and what it accepts), 503
-overloaded or an expert unavailable (with Retry-After), 500 anything else; the service
-keeps serving after any of them.
+/v1/* answer only a Host the service allows (`allowed_hosts`, loopback by default; 421
+otherwise) and, with an API key configured, need `Authorization: Bearer KEY` (401
+otherwise); POST bodies must be `Content-Type: application/json` (415 otherwise). /healthz
+and /readyz stay open for probes, which call pod IPs. Every response carries an
+`X-Request-ID`. Every error is JSON in the OpenAI shape,
+{"error": {"message", "type", "param"}}: 401 no/wrong key, 413 body over the limit, 415 not
+JSON, 421 a foreign Host, 422 a request the client can fix (the message names the field and
+what it accepts), 503 overloaded, past the deadline or an expert unavailable (Retry-After
+where a retry may succeed), 500 anything else: a message with the request id only, the
+exception goes to the log (`ddm.serve`) under that id. The service keeps serving after
+any of them.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import re
 import time
+import uuid
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router_service.policies import get_policy
+from ddm_nodes.names import expert_name
+from router_service.policies import strategy_label
 from router_service.sampler import DecoderUnavailable, ExpertUnavailable
 from router_service.schemas import ImagesRequest, RequestError, SampleRequest, parse
-from router_service.service import Overloaded, SamplingService
+from router_service.service import DeadlineExceeded, Overloaded, QueueTimeout, SamplingService
+
+log = logging.getLogger("ddm.serve")
 
 UNAVAILABLE_RETRY_AFTER_S = 5
 
@@ -42,6 +55,85 @@ def error_response(
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# what an id from Ray Serve's proxy looks like (a uuid); anything else is not logged as one
+_PROXY_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestIds:
+    """ASGI middleware: every HTTP request gets an id, in `scope["state"]["request_id"]`
+    and in the response's X-Request-ID header. Behind Ray Serve the proxy has already given
+    the request its id (`x-request-id`) and adds the response header itself, so that one is
+    kept and no second header is added."""
+
+    def __init__(self, app: ASGIApp, get_service: Callable[[], SamplingService]):
+        self.app, self.get_service = app, get_service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = MutableHeaders(scope=scope).get("x-request-id", "")
+        try:
+            from_proxy = self.get_service().request_ids_from_proxy
+        except RuntimeError:  # the replica is still starting: /healthz must answer anyway
+            from_proxy = False
+        from_proxy = from_proxy and _PROXY_REQUEST_ID.fullmatch(given) is not None
+        request_id = given if from_proxy else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start" and not from_proxy:
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def request_id(request: Request) -> str:
+    return request.scope["state"]["request_id"]
+
+
+def host_name(authority: str) -> str:
+    """The host of a Host header or an allowed_hosts entry, port and IPv6 brackets removed,
+    lower case: "[::1]:8000" -> "::1", "LocalHost:80" -> "localhost"."""
+    text = authority.strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    if text.count(":") == 1:  # host:port; more colons is a bare IPv6 address
+        text = text.partition(":")[0]
+    return text.removesuffix(".")
+
+
+def _check_host(service: SamplingService, request: Request) -> None:
+    """Refuse a Host the service was not told it serves: DNS rebinding points a web page's
+    own name at 127.0.0.1, and the browser then sends that name."""
+    if "*" in service.allowed_hosts:
+        return
+    given = request.headers.get("host", "")
+    if host_name(given) not in {host_name(h) for h in service.allowed_hosts}:
+        raise HTTPError(
+            421,
+            "invalid_request_error",
+            f"this service does not answer Host {given[:100]!r}; it answers "
+            f"{', '.join(service.allowed_hosts)}: add the name clients use to the app "
+            "argument allowed_hosts (`ddm serve --host` adds its own)",
+        )
+
+
+def _require_json(request: Request) -> None:
+    # a browser sends text/plain and form posts cross-origin without a preflight; JSON
+    # only keeps a foreign page from posting here even where the Host check allows it
+    given = request.headers.get("content-type")
+    if given is None or given.partition(";")[0].strip().lower() != "application/json":
+        got = "none" if given is None else repr(given[:100])
+        raise HTTPError(
+            415,
+            "invalid_request_error",
+            f"send the body as JSON with `Content-Type: application/json` (got {got})",
+        )
 
 
 def _authorize(service: SamplingService, request: Request) -> None:
@@ -63,8 +155,8 @@ def _authorize(service: SamplingService, request: Request) -> None:
 async def _body(service: SamplingService, request: Request) -> bytes:
     """The request body, refused with 413 past the limit without reading all of it."""
     most = service.limits.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > most:
+    declared = request.headers.get("content-length", "")
+    if re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > most:
         raise HTTPError(413, "invalid_request_error", f"the body is over {most} bytes")
     data = bytearray()
     async for chunk in request.stream():
@@ -82,14 +174,19 @@ def make_api(get_service: Callable[[], SamplingService]) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
     )
+    api.add_middleware(RequestIds, get_service=get_service)
 
     async def handle(request: Request, route: str, work) -> JSONResponse:
         service = get_service()
+        rid = request_id(request)
         start = time.perf_counter()
-        strategy, status = "invalid", 500
+        labels = {"strategy": "invalid"}  # `work` names the strategy once the body parses
+        status = 500
         try:
+            _check_host(service, request)
             _authorize(service, request)
-            reply, strategy = await work(service, await _body(service, request))
+            _require_json(request)
+            reply = await work(service, await _body(service, request), labels)
             status = 200
             return JSONResponse(reply.model_dump(mode="json"))
         except HTTPError as e:
@@ -100,42 +197,59 @@ def make_api(get_service: Callable[[], SamplingService]) -> FastAPI:
             return error_response(e.status, "invalid_request_error", str(e), e.field)
         except Overloaded as e:
             status = 503
-            _count_error(service, "overloaded")
+            _count_error(service, "queue_timeout" if isinstance(e, QueueTimeout) else "overloaded")
             headers = {"Retry-After": str(e.retry_after_s)}
             return error_response(503, "overloaded", str(e), headers=headers)
+        except DeadlineExceeded as e:
+            status = 503
+            _count_error(service, "deadline_exceeded")
+            return error_response(503, "deadline_exceeded", str(e))
         except ExpertUnavailable as e:
+            # the reason may quote a remote error (a dead actor's pid, IP, id): log it only
             status = 503
             _count_error(service, "expert_unavailable")
+            log.warning("request %s: %s", rid, e)
             headers = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)}
-            message = f"{e} (send on_unavailable: renormalize to sample without it)"
+            message = (
+                f"{expert_name(e.expert_id)} is unavailable: no live replica answered "
+                f"(request id {rid}); retry in {UNAVAILABLE_RETRY_AFTER_S} s, or send "
+                "on_unavailable: renormalize to sample without it"
+            )
             return error_response(503, "expert_unavailable", message, headers=headers)
         except DecoderUnavailable as e:
             status = 503
             _count_error(service, "decoder_unavailable")
+            log.warning("request %s: %s", rid, e)
             headers = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)}
-            return error_response(503, "decoder_unavailable", str(e), headers=headers)
-        except Exception as e:  # the service stays up; the client learns what failed
+            message = (
+                f"the image decoder did not answer (request id {rid}); "
+                f"retry in {UNAVAILABLE_RETRY_AFTER_S} s"
+            )
+            return error_response(503, "decoder_unavailable", message, headers=headers)
+        except Exception:  # the service stays up; the details go to the log, not the client
             _count_error(service, "internal")
-            return error_response(500, "internal_error", f"{type(e).__name__}: {e}")
+            log.exception("request %s failed", rid)
+            return error_response(500, "internal_error", f"internal error; request id {rid}")
         finally:
             if service.metrics is not None:
-                service.metrics.request(route, strategy, status, time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                service.metrics.request(route, labels["strategy"], status, elapsed)
 
     @api.post("/v1/samples")
     async def samples(request: Request) -> JSONResponse:
-        async def work(service: SamplingService, body: bytes):
-            reply = await service.samples(parse(SampleRequest, body))
-            return reply, reply.strategy
+        async def work(service: SamplingService, body: bytes, labels: dict):
+            req = parse(SampleRequest, body)
+            labels["strategy"] = strategy_label(req.strategy or service.default_strategy)
+            return await service.samples(req)
 
         return await handle(request, "samples", work)
 
     @api.post("/v1/images/generations")
     async def images(request: Request) -> JSONResponse:
-        async def work(service: SamplingService, body: bytes):
+        async def work(service: SamplingService, body: bytes, labels: dict):
             req = parse(ImagesRequest, body)
-            return await service.images(req), get_policy(
-                req.strategy or service.default_strategy
-            ).name
+            labels["strategy"] = strategy_label(req.strategy or service.default_strategy)
+            return await service.images(req)
 
         return await handle(request, "images", work)
 
@@ -143,6 +257,7 @@ def make_api(get_service: Callable[[], SamplingService]) -> FastAPI:
     async def experts(request: Request) -> JSONResponse:
         service = get_service()
         try:
+            _check_host(service, request)
             _authorize(service, request)
         except HTTPError as e:
             return error_response(e.status, e.kind, e.message, headers=e.headers)

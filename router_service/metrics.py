@@ -6,6 +6,10 @@ exported by the node's metrics agent at the head's metrics export port (names ge
 one Prometheus scrape target covers the router and every expert replica. Outside Ray the
 same objects are inert, so the service runs unchanged in unit tests.
 
+The `strategy` label comes from a bounded set (policies.strategy_label: `threshold` for
+every threshold-T, `nearest-centroid` for every K, `top-1` .. `top-8` then `top-k`, no
+temperatures), since each distinct value is a new series and requests choose the name.
+
 Router (`RouterMetrics`): requests by route, strategy and status; request latency; per
 evaluation latency; expert calls and their latency by expert and outcome; samples routed
 to each expert by step bucket; selected-expert disagreement; errors by kind; degraded
@@ -17,8 +21,11 @@ the forward's latency.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 from ddm_nodes.names import expert_name
+from router_service.policies import strategy_label
 from router_service.sampler import EvaluationStats
 
 LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
@@ -33,9 +40,26 @@ def step_bucket(t: float) -> str:
     return f"{i / STEP_BUCKETS:.1f}-{(i + 1) / STEP_BUCKETS:.1f}"
 
 
+@dataclass(frozen=True)
+class MetricKinds:
+    """The metric classes, with `ray.util.metrics`' constructors and methods (inc, observe,
+    set with `tags=`); another set (a recording one in tests) sees every series and label."""
+
+    Counter: Any
+    Gauge: Any
+    Histogram: Any
+
+
+def ray_metric_kinds() -> MetricKinds:
+    from ray.util.metrics import Counter, Gauge, Histogram
+
+    return MetricKinds(Counter, Gauge, Histogram)
+
+
 class RouterMetrics:
-    def __init__(self) -> None:
-        from ray.util.metrics import Counter, Gauge, Histogram
+    def __init__(self, kinds: MetricKinds | None = None) -> None:
+        kinds = kinds or ray_metric_kinds()
+        Counter, Gauge, Histogram = kinds.Counter, kinds.Gauge, kinds.Histogram
 
         self.requests = Counter(
             "ddm_serve_requests",
@@ -86,10 +110,12 @@ class RouterMetrics:
         self.queued = Gauge("ddm_serve_requests_queued", "requests waiting for a sampling slot")
 
     def request(self, route: str, strategy: str, status: int, seconds: float) -> None:
+        strategy = strategy_label(strategy)
         self.requests.inc(1, tags={"route": route, "strategy": strategy, "status": str(status)})
         self.latency.observe(seconds, tags={"route": route, "strategy": strategy})
 
     def evaluation(self, strategy: str, stats: EvaluationStats) -> None:
+        strategy = strategy_label(strategy)
         self.step.observe(stats.seconds, tags={"strategy": strategy})
         bucket = step_bucket(stats.t)
         for k, n in enumerate(stats.routed):

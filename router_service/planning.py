@@ -28,7 +28,7 @@ from router_service.sampler import (
     sample_async,
     time_grid,
 )
-from router_service.schemas import MAX_SEED, Limits, RequestError, SampleRequest
+from router_service.schemas import MAX_SEED, Limits, RequestError, SampleRequest, shown_value
 
 
 @dataclass(frozen=True)
@@ -41,23 +41,37 @@ class Plan:
     seed: int
 
 
+LABEL_ID = re.compile(r"[0-9]{1,6}")  # ASCII: str.isdigit() also takes "²" and "٣"
+# a class name: Fashion-MNIST's "T-shirt/top" and "Ankle boot" are the widest kind here
+LABEL_NAME = re.compile(r"[A-Za-z0-9 ./_-]{1,64}")
+
+
 def resolve_label(class_names: list[str] | None, label: str | int | None) -> int | None:
-    """A class name (case-insensitive) or id -> id; None stays None (unconditional)."""
+    """A class name (case-insensitive) or id -> id; None stays None (unconditional).
+    A string of 1-6 ASCII digits is an id, any other string a name."""
     if label is None:
         return None
     if class_names is None:
         raise RequestError("label", "this data set has no class labels; omit the label")
-    if isinstance(label, int) or label.lstrip("-").isdigit():
-        i = int(label)
-        if 0 <= i < len(class_names):
-            return i
-    else:
+    if isinstance(label, str) and LABEL_ID.fullmatch(label):
+        label = int(label)
+    if isinstance(label, int):
+        if 0 <= label < len(class_names):
+            return label
+        why = "is not a class id"
+    elif LABEL_NAME.fullmatch(label):
         by_name = {n.lower(): i for i, n in enumerate(class_names)}
         if label.strip().lower() in by_name:
             return by_name[label.strip().lower()]
+        why = "is not a class name"
+    else:
+        why = (
+            "is neither an id (1-6 ASCII digits) nor a class name (at most 64 letters, "
+            "digits, spaces and / - . _)"
+        )
     raise RequestError(
         "label",
-        f"{label!r} is unknown; use an id 0..{len(class_names) - 1} or one of {class_names}",
+        f"{shown_value(label)} {why}; use an id 0..{len(class_names) - 1} or one of {class_names}",
     )
 
 
@@ -94,6 +108,42 @@ def match_prompt(class_names: list[str] | None, prompt: str) -> int:
 
 
 DEFAULT_STRATEGY = "top-2"
+EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2}  # velocity evaluations per ODE step, at most
+
+
+def experts_per_step(policy: Policy, num_experts: int) -> int:
+    """The most experts `policy` evaluates per sample and step: k for top-k and
+    nearest-centroid-k, every expert for full, uniform and threshold (which may take all)."""
+    return num_experts if policy.k is None else min(policy.k, num_experts)
+
+
+def expert_evaluations(request: SampleRequest, policy: Policy, num_experts: int) -> int:
+    """Per-sample expert evaluations `request` may cost: what limits.max_expert_evaluations
+    bounds."""
+    per_step = EVALUATIONS_PER_STEP[request.solver] * experts_per_step(policy, num_experts)
+    return request.n * request.steps * per_step
+
+
+def _check_budget(
+    request: SampleRequest, policy: Policy, num_experts: int, limits: Limits, steps_field: str
+) -> None:
+    cost = expert_evaluations(request, policy, num_experts)
+    if cost <= limits.max_expert_evaluations:
+        return
+    solver, per_step = request.solver, experts_per_step(policy, num_experts)
+    lower = [f"n or {steps_field}"]
+    if solver == "heun":
+        lower.append("solver euler")
+    if per_step > 1:
+        lower.append(f"a sparser strategy ({'top-1' if per_step == 2 else 'top-1, top-2'})")
+    raise RequestError(
+        None,
+        f"the request needs n {request.n} x {steps_field} {request.steps} x "
+        f"{EVALUATIONS_PER_STEP[solver]} ({solver}) x {per_step} "
+        f"experts per step ({policy.name}) = {cost} expert evaluations, over this service's "
+        f"limits.max_expert_evaluations of {limits.max_expert_evaluations}; lower "
+        f"{', or '.join(lower)}",
+    )
 
 
 def plan(
@@ -102,9 +152,11 @@ def plan(
     num_experts: int,
     limits: Limits,
     default_strategy: str = DEFAULT_STRATEGY,
+    steps_field: str = "steps",
 ) -> Plan:
-    """Check a parsed request against the limits and the models; RequestError if not."""
-    limits.check(request.n, request.steps)
+    """Check a parsed request against the limits and the models; RequestError if not.
+    `steps_field` names the steps in messages (num_inference_steps on the images route)."""
+    limits.check(request.n, request.steps, steps_field=steps_field)
     name = request.strategy or default_strategy
     try:
         get_policy(name).check_experts(num_experts)
@@ -122,6 +174,7 @@ def plan(
         )
     if policy.needs == "oracle":
         raise RequestError("strategy", "oracle routing needs true clusters: analysis only")
+    _check_budget(request, policy, num_experts, limits, steps_field)
     label = resolve_label(models.manifest.class_names, request.label)
     if label is not None and not models.conditional:
         raise RequestError("label", "the experts were trained without labels; omit it")

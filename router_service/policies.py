@@ -39,6 +39,10 @@ from ddm_nodes.errors import DDMError
 
 MIN_WEIGHT = 1e-6  # `full` skips experts whose router probability is below this
 DEFAULT_TEMPERATURE = 1.0  # p^(1/T) for router policies, softmax(-d / T) for nearest-centroid
+# below ~1e-300 log(p) / T and -d / T overflow to -inf and every weight turns NaN; 1e-3
+# already routes like top-1, so nothing is lost by refusing what lies under it
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e6
 NO_EXPERT = -1  # padding in RoutingDecision.ids
 Needs = Literal["router", "features", "oracle"]
 POLICY_FORMS = (
@@ -264,9 +268,17 @@ def _check_shape(x: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
         raise RoutingError(f"{what} have shape {tuple(x.shape)}, expected {shape} (N, K)")
 
 
-_TOP = re.compile(r"top-(\d+)")
+# ASCII only: `\d`, int() and float() also take other scripts' digits ("top-٣"), and float()
+# takes "1_0", "nan" and "inf"; a policy name is an identifier, not a number to be guessed at
+_TOP = re.compile(r"top-([0-9]+)")
 _THRESHOLD = re.compile(r"threshold-(.+)")
-_NEAREST = re.compile(r"nearest-centroid(?:-(\d+))?")
+_NEAREST = re.compile(r"nearest-centroid(?:-([0-9]+))?")
+_NUMBER = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[-+]?[0-9]+)?")
+
+
+def _number(text: str) -> float:
+    """A plain decimal number ("0.5", "2", "1e-2"), else nan."""
+    return float(text) if _NUMBER.fullmatch(text) else math.nan
 
 
 def get_policy(name: str, *, temperature: float | None = None) -> Policy:
@@ -278,22 +290,16 @@ def get_policy(name: str, *, temperature: float | None = None) -> Policy:
     if at:
         if temperature is not None:
             raise RoutingError(f"{name!r} names a temperature; do not also pass temperature")
-        try:
-            temperature = float(suffix)
-        except ValueError:
-            raise RoutingError(
-                f"temperature in {name!r} must be a positive number, as in full@0.5"
-            ) from None
+        temperature = _number(suffix)
+        if math.isnan(temperature):
+            raise RoutingError(f"temperature in {name!r} must be a positive number, as in full@0.5")
     policy = None
     if text in ("full", "uniform", "oracle"):
         policy = Policy(text, text)
     elif m := _TOP.fullmatch(text):
         policy = _with_k(name, "top", m.group(1))
     elif m := _THRESHOLD.fullmatch(text):
-        try:
-            tau = float(m.group(1))
-        except ValueError:
-            tau = math.nan
+        tau = _number(m.group(1))
         if not 0 < tau <= 1:  # also refuses nan
             raise RoutingError(
                 f"threshold in {name!r} must satisfy 0 < T <= 1; valid forms: {valid_forms()}"
@@ -308,8 +314,11 @@ def get_policy(name: str, *, temperature: float | None = None) -> Policy:
             raise RoutingError(
                 f"temperature applies to router policies and nearest-centroid, not {name!r}"
             )
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise RoutingError(f"temperature must be a positive number, got {temperature}")
+        if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:  # also refuses nan
+            raise RoutingError(
+                f"temperature must be a positive number from {MIN_TEMPERATURE:g} to "
+                f"{MAX_TEMPERATURE:g}, got {temperature:g}"
+            )
         temperature = float(temperature)
         # the name says the temperature, so a name is a policy: results, metrics, reports
         label = policy.name
@@ -319,9 +328,41 @@ def get_policy(name: str, *, temperature: float | None = None) -> Policy:
     return policy
 
 
+MAX_K_DIGITS = 9  # no store has a billion experts; int() of 4300+ digits raises ValueError
+
+
 def _with_k(name: str, kind: str, digits: str) -> Policy:
+    if len(digits.lstrip("0")) > MAX_K_DIGITS:
+        raise RoutingError(
+            f"K in {name!r} is far more than any number of experts; valid forms: {valid_forms()}"
+        )
     k = int(digits)
     if k < 1:
         raise RoutingError(f"K in {name!r} must be at least 1; valid forms: {valid_forms()}")
     canonical = f"{kind}-{k}" if kind == "top" or k > 1 else kind
     return Policy(canonical, kind, k=k)
+
+
+# --- bounded metric labels ---------------------------------------------------------------
+
+LABELLED_TOP_K = 8  # top-1 .. top-8 keep a series each; a larger K shares "top-k"
+STRATEGY_LABELS = frozenset(
+    {"full", "uniform", "threshold", "nearest-centroid", "oracle", "top-k", "invalid"}
+    | {f"top-{k}" for k in range(1, LABELLED_TOP_K + 1)}
+)
+
+
+def strategy_label(policy: Policy | str | None) -> str:
+    """The `strategy` label of a metric: one of STRATEGY_LABELS, whatever the request named.
+    Thresholds, temperatures and large K are free numbers from unauthenticated requests, and
+    each distinct label value is a new Prometheus series; responses keep the full name."""
+    if isinstance(policy, str) and policy in STRATEGY_LABELS:
+        return policy
+    if not isinstance(policy, Policy):
+        try:
+            policy = get_policy(policy)
+        except RoutingError:
+            return "invalid"
+    if policy.kind == "top":
+        return f"top-{policy.k}" if policy.k <= LABELLED_TOP_K else "top-k"
+    return policy.kind  # full, uniform, threshold, nearest-centroid, oracle

@@ -10,13 +10,18 @@ or a wrong type is refused rather than guessed at. Bounds that an operator confi
 
 from __future__ import annotations
 
+import math
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ddm_nodes.errors import DDMError
+from router_service.policies import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 MAX_SEED = 2**63 - 1
+# Hosts the API answers by default (the Host header, port ignored): DNS rebinding lets a web
+# page send a browser's requests to a loopback service under the page's own host name
+DEFAULT_ALLOWED_HOSTS = ("127.0.0.1", "localhost", "::1")
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -47,26 +52,65 @@ def parse(model: type[Model], body: bytes | dict) -> Model:
             allowed = ", ".join(model.model_fields)
             raise RequestError(field, f"unknown field; allowed fields: {allowed}") from None
         given = first.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        shown = "" if isinstance(given, dict) else f" (got {shown_value(given)})"
         raise RequestError(field, f"{first['msg']}{shown}") from None
+
+
+SHOWN_CHARS = 80  # how much of a refused value an error message repeats
+
+
+def shown_value(value: object) -> str:
+    """repr(value) for an error message, cut to SHOWN_CHARS: a 4000-digit number or a
+    60 KB string is refused, not repeated back."""
+    if isinstance(value, int) and value.bit_length() > 256:  # repr() fails past 4300 digits
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[: SHOWN_CHARS - 3]}... ({len(text)} chars)"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# The largest top-2 request the other defaults admit: 64 images x 500 Heun steps (2
+# evaluations each) x 2 experts. Full routing over 8 experts at that size (4x as much) is
+# refused; it fits at a quarter of the images or steps.
+DEFAULT_MAX_EXPERT_EVALUATIONS = 64 * 500 * 2 * 2
+
+
 class Limits(_Strict):
-    """What one request may ask for; the service answers 422 beyond it."""
+    """What one request may ask for; the service answers 422 beyond it (503 past the
+    deadline)."""
 
     max_n: int = Field(64, ge=1, le=65536, description="most images per request")
     max_steps: int = Field(500, ge=1, le=100000, description="most ODE steps per request")
     max_body_bytes: int = Field(65536, ge=1024, description="largest request body accepted")
+    max_expert_evaluations: int = Field(
+        DEFAULT_MAX_EXPERT_EVALUATIONS,
+        ge=1,
+        le=10**12,
+        description="most per-sample expert evaluations per request: n x steps x (2 for heun, "
+        "1 for euler) x experts per step (K for full, uniform, threshold; k for top-k and "
+        "nearest-centroid-k); checked before sampling starts",
+    )
+    request_timeout_s: float = Field(
+        300,
+        gt=0,
+        le=86400,
+        allow_inf_nan=False,
+        description="deadline of a whole request, queueing included: no sampling slot by "
+        "then is a 503 with Retry-After, sampling past it is cancelled (503 deadline_exceeded)",
+    )
 
     def check(self, n: int, steps: int, n_field: str = "n", steps_field: str = "steps") -> None:
         if n > self.max_n:
-            raise RequestError(n_field, f"must be between 1 and {self.max_n} (got {n})")
+            raise RequestError(
+                n_field, f"must be between 1 and {self.max_n} (got {shown_value(n)})"
+            )
         if steps > self.max_steps:
-            raise RequestError(steps_field, f"must be between 1 and {self.max_steps} (got {steps})")
+            raise RequestError(
+                steps_field, f"must be between 1 and {self.max_steps} (got {shown_value(steps)})"
+            )
 
 
 Strategy = Field(
@@ -92,14 +136,18 @@ class SampleRequest(_Strict):
     strategy: str | None = Strategy
     solver: Literal["euler", "heun"] = "euler"
     seed: int | None = Seed
-    label: str | int | None = Field(None, description="class name or id; omitted: any class")
+    label: str | int | None = Field(
+        None,
+        description="class id (an integer, or 1-6 ASCII digits) or class name (at most 64 "
+        "letters, digits, spaces and / - . _); omitted: any class",
+    )
     guidance: float = Field(
         1.0, ge=0, le=100, allow_inf_nan=False, description="classifier-free guidance scale"
     )
     temperature: float | None = Field(
         None,
-        gt=0,
-        le=1e6,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
         allow_inf_nan=False,
         description="routing temperature: router policies route on p^(1/T), "
         "nearest-centroid on softmax(-distance / T)",
@@ -118,7 +166,7 @@ class ImagesRequest(_Strict):
     )
     n: int = Field(1, ge=1, description="images to generate")
     size: str | None = Field(
-        None, pattern=r"^\d{1,5}x\d{1,5}$", description="WxH; must be the models' image size"
+        None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$", description="WxH; must be the models' image size"
     )
     response_format: Literal["b64_json"] = Field(
         "b64_json", description="only b64_json: images are returned inline, never as URLs"

@@ -7,6 +7,11 @@ Backpressure: at most `max_active` requests sample at once (their expert calls i
 which is what lets the expert replicas batch across requests) and at most `max_queued`
 more wait for a slot; past that a request is refused at once with `Overloaded` (HTTP 503
 with Retry-After) instead of piling up.
+
+Deadline: a request has `limits.request_timeout_s` from when the service takes it to its
+answer. Still waiting for a slot then, it leaves the queue with `QueueTimeout` (an
+`Overloaded`) before any sampling; still sampling, the run is cancelled and
+`DeadlineExceeded` raised. Either way its slot (or its place in the queue) is given back.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import asyncio
 import base64
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -24,9 +29,10 @@ from ddm_nodes.names import expert_name
 from ddm_nodes.pixels import npy_bytes, pngs
 from router_service import planning
 from router_service.metrics import RouterMetrics
-from router_service.policies import get_policy
+from router_service.policies import get_policy, strategy_label
 from router_service.sampler import Decoder, EvaluationStats, Experts, SampleResult
 from router_service.schemas import (
+    DEFAULT_ALLOWED_HOSTS,
     ExpertsResponse,
     ExpertStatus,
     ImageData,
@@ -47,9 +53,31 @@ SERVED_MODEL = "ddm"  # the one `model` name /v1/images/generations accepts
 class Overloaded(DDMError):
     """Every sampling slot is busy and the queue is full: try again later."""
 
-    def __init__(self, retry_after_s: int):
-        super().__init__(f"the service is at capacity; retry in {retry_after_s} s")
+    def __init__(self, retry_after_s: int, message: str | None = None):
+        super().__init__(message or f"the service is at capacity; retry in {retry_after_s} s")
         self.retry_after_s = retry_after_s
+
+
+class QueueTimeout(Overloaded):
+    """No sampling slot came free before the request's deadline; nothing was sampled."""
+
+    def __init__(self, retry_after_s: int, timeout_s: float):
+        super().__init__(
+            retry_after_s,
+            f"no sampling slot came free within limits.request_timeout_s ({timeout_s:g} s): "
+            f"the service is at capacity; retry in {retry_after_s} s",
+        )
+
+
+class DeadlineExceeded(DDMError):
+    """Sampling ran past the request's deadline and was cancelled."""
+
+    def __init__(self, timeout_s: float):
+        super().__init__(
+            f"the request did not finish within limits.request_timeout_s ({timeout_s:g} s, "
+            "queueing included) and was cancelled; ask for fewer images (n) or steps, a "
+            "sparser strategy (top-1, top-2) or solver euler"
+        )
 
 
 class Admission:
@@ -65,16 +93,25 @@ class Admission:
         self._slots: asyncio.Semaphore | None = None
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[float]:
-        """Hold a sampling slot; yields the seconds spent waiting for it."""
+    async def slot(self, timeout_s: float | None = None) -> AsyncIterator[float]:
+        """Hold a sampling slot; yields the seconds spent waiting for it. No slot within
+        `timeout_s`: QueueTimeout, holding nothing."""
         if self.active + self.waiting >= self.max_active + self.max_queued:
             raise Overloaded(self.retry_after_s)
         if self._slots is None:  # made in the running loop
             self._slots = asyncio.Semaphore(self.max_active)
         start = time.perf_counter()
         self.waiting += 1
+        wait = asyncio.timeout(timeout_s)
         try:
-            await self._slots.acquire()
+            # a cancelled acquire takes no slot (asyncio.Semaphore passes a wake-up it got
+            # while being cancelled on to the next waiter)
+            async with wait:
+                await self._slots.acquire()
+        except TimeoutError:
+            if not wait.expired():
+                raise
+            raise QueueTimeout(self.retry_after_s, timeout_s) from None
         finally:
             self.waiting -= 1
         self.active += 1
@@ -109,6 +146,8 @@ class SamplingService:
         replica_counts: ReplicaCounts | None = None,
         default_strategy: str = planning.DEFAULT_STRATEGY,
         decoder: Decoder | None = None,
+        allowed_hosts: Sequence[str] = DEFAULT_ALLOWED_HOSTS,
+        request_ids_from_proxy: bool = False,
     ):
         self.models = models
         self.decoder = decoder  # None: the models' own (in-process), if any
@@ -119,12 +158,22 @@ class SamplingService:
         self.api_key = api_key or None
         self.replica_counts = replica_counts
         self.default_strategy = get_policy(default_strategy).name
+        # the HTTP edge's: Host headers /v1/* answer ("*": any), and whether Ray Serve's
+        # proxy gives each request its id (and the X-Request-ID response header)
+        self.allowed_hosts = tuple(allowed_hosts)
+        self.request_ids_from_proxy = request_ids_from_proxy
 
-    async def _sample(self, request: SampleRequest) -> Sampled:
+    async def _sample(self, request: SampleRequest, steps_field: str = "steps") -> Sampled:
+        start = time.perf_counter()
         plan = planning.plan(
-            request, self.models, self.experts.num_experts, self.limits, self.default_strategy
+            request,
+            self.models,
+            self.experts.num_experts,
+            self.limits,
+            self.default_strategy,
+            steps_field,
         )
-        strategy = plan.policy.name
+        strategy = strategy_label(plan.policy)
         evaluations: list[EvaluationStats] = []
 
         def hook(stats: EvaluationStats) -> None:
@@ -132,11 +181,17 @@ class SamplingService:
             if self.metrics is not None:
                 self.metrics.evaluation(strategy, stats)
 
-        start = time.perf_counter()
-        async with self.admission.slot() as queued:
+        timeout_s = self.limits.request_timeout_s
+        async with self.admission.slot(timeout_s) as queued:  # planning took microseconds
             self._report_load()
+            deadline = asyncio.timeout(timeout_s - (time.perf_counter() - start))
             try:
-                result = await planning.run(plan, self.experts, self.models, hook, self.decoder)
+                async with deadline:
+                    result = await planning.run(plan, self.experts, self.models, hook, self.decoder)
+            except TimeoutError:
+                if not deadline.expired():  # a TimeoutError of the backend's own
+                    raise
+                raise DeadlineExceeded(timeout_s) from None
             finally:
                 self._report_load()
         total = time.perf_counter() - start
@@ -211,7 +266,7 @@ class SamplingService:
             guidance=request.guidance_scale,
             on_unavailable=request.on_unavailable,
         )
-        s = await self._sample(sample_request)
+        s = await self._sample(sample_request, steps_field="num_inference_steps")
         name = self.models.manifest.class_names[label]
         return ImagesResponse(
             created=int(time.time()),

@@ -4,18 +4,24 @@ in plain Python here; the name grammar and its errors."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from ddm_nodes.errors import DDMError
 from router_service.policies import (
+    LABELLED_TOP_K,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
     MIN_WEIGHT,
     NO_EXPERT,
     POLICY_FORMS,
+    STRATEGY_LABELS,
     RoutingDecision,
     RoutingError,
     get_policy,
+    strategy_label,
 )
 
 K = 5
@@ -241,6 +247,13 @@ def test_policy_names_parse(name, canonical, k):
         "threshold--0.5",
         "threshold-abc",
         "threshold-nan",
+        "threshold-inf",
+        "threshold-1e999",
+        "threshold-1_0",
+        "threshold-٠.٥",  # Arabic-Indic digits: float() takes them, a policy name does not
+        "top-٣",
+        "nearest-centroid-٢",
+        "top-99999999999999999999",
         "nearest-centroid-0",
         "nearest_centroid",
         "oracle-2",
@@ -283,6 +296,23 @@ def test_temperature_weights_router_policies_and_nearest_centroid_only():
         get_policy("full@hot")
 
 
+@pytest.mark.parametrize("suffix", ["٢", "1_0", "inf", "nan", "0x10", " 2"])
+def test_a_temperature_suffix_is_a_plain_ascii_number(suffix):
+    with pytest.raises(RoutingError, match="positive number, as in full@0.5"):
+        get_policy(f"top-2@{suffix}")
+    assert get_policy("top-2@2.5e-1").temperature == 0.25
+
+
+def test_temperatures_outside_the_bounds_are_refused_where_weights_would_turn_nan():
+    assert get_policy(f"full@{MIN_TEMPERATURE}").temperature == MIN_TEMPERATURE
+    assert get_policy("full", temperature=MAX_TEMPERATURE).temperature == MAX_TEMPERATURE
+    # at 1e-320, log(p) / T overflows to -inf for every expert and the softmax is NaN
+    for bad in (MIN_TEMPERATURE / 2, 1e-320, MAX_TEMPERATURE * 2):
+        bounds = re.escape(f"from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}")
+        with pytest.raises(RoutingError, match=bounds):
+            get_policy("top-2", temperature=bad)
+
+
 @pytest.mark.parametrize("temperature", [0.25, 3.0])
 def test_router_temperature_routes_on_renormalised_powers_of_the_probabilities(temperature):
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.15, 0.05, 0.8]])
@@ -309,3 +339,44 @@ def test_every_documented_form_parses():
     }
     needs = {get_policy(examples.get(form, form)).needs for form in POLICY_FORMS}
     assert needs == {"router", "features", "oracle", None}
+
+
+# --- bounded metric labels ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, label",
+    [
+        ("threshold-0.137", "threshold"),
+        ("threshold-1", "threshold"),
+        ("threshold-0.5@0.25", "threshold"),
+        ("nearest-centroid", "nearest-centroid"),
+        ("nearest-centroid-7", "nearest-centroid"),
+        ("nearest-centroid-2@0.5", "nearest-centroid"),
+        ("top-1", "top-1"),
+        (f"top-{LABELLED_TOP_K}", f"top-{LABELLED_TOP_K}"),
+        (f"top-{LABELLED_TOP_K + 1}", "top-k"),
+        ("top-123456", "top-k"),
+        ("TOP-2@4", "top-2"),
+        ("full", "full"),
+        ("full@0.25", "full"),
+        ("uniform", "uniform"),
+        ("oracle", "oracle"),
+        ("bogus", "invalid"),
+        ("top-٣", "invalid"),
+        ("threshold-nan", "invalid"),
+        (None, "invalid"),
+    ],
+)
+def test_strategy_label_maps_every_policy_name_into_a_bounded_set(name, label):
+    assert strategy_label(name) == label
+    assert label in STRATEGY_LABELS
+    assert strategy_label(label) == label  # a label is its own label
+
+
+def test_distinct_thresholds_and_temperatures_share_one_label():
+    names = [f"threshold-{0.01 * i:.2f}" for i in range(1, 21)]
+    names += [f"top-2@{0.1 * i:.1f}" for i in range(1, 21)]
+    assert {strategy_label(get_policy(n)) for n in names} == {"threshold", "top-2"}
+    assert len({get_policy(n).name for n in names}) == 40  # the names stay distinct
+    assert len(STRATEGY_LABELS) == 7 + LABELLED_TOP_K

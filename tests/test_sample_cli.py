@@ -94,7 +94,7 @@ def test_labels_by_name_and_guidance(ddm_store):
     [
         (["--strategy", "top-9"], "top-"),
         (["--strategy", "bogus"], "top-K"),
-        (["--label", "sneaker"], "unknown"),
+        (["--label", "sneaker"], "is not a class name"),
         (["--guidance", "3"], "--label"),
         (["--n", "0"], "--n"),
     ],

@@ -14,6 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 from ddm_nodes.errors import DDMError
 from router_service.app import build_app
 from router_service.app_config import AppArgs
+from router_service.schemas import Limits
 
 CONFIG = Path(__file__).parents[1] / "infra" / "serve" / "ddm.yaml"
 
@@ -30,6 +31,9 @@ def test_serve_config_parses_and_its_args_are_app_args():
         "max_batch": args.max_batch,
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
     }
+    # the address the proxy binds is a Host the API answers, else every /v1/* call is a 421
+    assert config.http_options.host in args.allowed_hosts
+    assert args.limits == Limits()  # the file spells out the defaults, nothing else
 
 
 def test_builder_refuses_bad_args_and_stores(tmp_path):

@@ -24,6 +24,7 @@ from router_service.policies import NO_EXPERT, RoutingDecision, RoutingError, ge
 from router_service.remote_experts import RemoteExperts
 from router_service.sampler import EvaluationStats, ExpertUnavailable, sample, time_grid
 from router_service.schemas import Limits, RequestError, SampleRequest, parse
+from router_service.service import Admission, QueueTimeout
 
 # --- batching ------------------------------------------------------------------------------
 
@@ -590,6 +591,34 @@ def test_bad_app_args_are_refused(no_env_key, fields, words):
         AppArgs(store="/s", **fields)
 
 
+def test_allowed_hosts_default_to_loopback_and_take_names_addresses_and_star(no_env_key):
+    assert AppArgs(store="/s").allowed_hosts == ["127.0.0.1", "localhost", "::1"]
+    hosts = ["ddm.example.org", "10.0.0.5:8000", "[::1]:8000", "::", "0.0.0.0", "*"]
+    assert AppArgs(store="/s", allowed_hosts=hosts).allowed_hosts == hosts
+
+
+@pytest.mark.parametrize("hosts", [[], ["http://ddm.example.org"], ["two words"], ["a/b"]])
+def test_bad_allowed_hosts_are_refused_naming_the_field(no_env_key, hosts):
+    with pytest.raises(ValidationError, match="allowed_hosts"):
+        AppArgs(store="/s", allowed_hosts=hosts)
+
+
+def test_the_budget_and_deadline_are_limits_in_the_app_args(no_env_key):
+    assert Limits().max_expert_evaluations == 64 * 500 * 2 * 2
+    assert Limits().request_timeout_s == 300
+    given = {"max_expert_evaluations": 1000, "request_timeout_s": 2.5}
+    limits = AppArgs.model_validate_json(AppArgs(store="/s", limits=given).model_dump_json()).limits
+    assert (limits.max_expert_evaluations, limits.request_timeout_s) == (1000, 2.5)
+    for bad in (
+        {"max_expert_evaluations": 0},
+        {"request_timeout_s": 0},
+        {"request_timeout_s": "5"},  # strict, as every Limits field
+        {"request_timeout_s": float("inf")},
+    ):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            AppArgs(store="/s", limits=bad)
+
+
 def test_api_key_defaults_to_the_environment(monkeypatch):
     monkeypatch.setenv("DDM_API_KEY", "from-the-env-123")
     assert AppArgs(store="/s").api_key == "from-the-env-123"
@@ -662,3 +691,33 @@ def test_replicas_spread_over_nodes_and_the_router_pinned_reach_serve(no_env_key
     assert "resources" not in plain.router_options()["ray_actor_options"]
     with pytest.raises(ValueError, match="max_replicas_per_node"):
         AppArgs(store="/s", max_replicas_per_node=0)
+
+
+# --- Admission -----------------------------------------------------------------------------
+
+
+def test_a_wait_that_times_out_or_is_cancelled_holds_no_slot():
+    admission = Admission(max_active=1, max_queued=2, retry_after_s=4)
+
+    async def wait_for_slot():
+        async with admission.slot():
+            pass
+
+    async def scenario():
+        async with admission.slot():
+            with pytest.raises(QueueTimeout, match="retry in 4 s") as e:
+                async with admission.slot(timeout_s=0.01):
+                    raise AssertionError("got a slot that was held")
+            assert e.value.retry_after_s == 4 and admission.waiting == 0
+            waiter = asyncio.create_task(wait_for_slot())
+            while admission.waiting == 0:
+                await asyncio.sleep(0.001)
+            waiter.cancel()  # as when a client goes away while queued
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert (admission.active, admission.waiting) == (1, 0)
+        async with admission.slot(timeout_s=0.01) as queued:  # free again at once
+            assert admission.active == 1 and queued < 0.01
+
+    asyncio.run(scenario())
+    assert (admission.active, admission.waiting) == (0, 0)
