@@ -203,10 +203,17 @@ def cluster_up(
 
 @command(cluster_app, "down")
 def cluster_down() -> None:
-    """Stop the local Ray head that `ddm cluster up` started."""
+    """Stop the local Ray head (and worker nodes) that `ddm cluster up` started, by their
+    recorded PIDs: a PID that no longer runs the `ray start` ddm launched is left alone."""
     from cluster_jobs.ops.local_cluster import down
 
-    print("stopped" if down() else "no local cluster was running")
+    done = down()
+    if done is None:
+        print("no local cluster was running")
+        return
+    for note in done.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print("stopped" if done.stopped else "nothing of it was running; forgot the cluster")
 
 
 @command(cluster_app, "env")
@@ -471,8 +478,25 @@ def sample_command(
 @command(app, "serve")
 def serve_command(
     store: Annotated[str, typer.Option(help="store URI with trained experts (and router)")],
-    host: Annotated[str, typer.Option(help="address the HTTP proxy binds")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="address the HTTP proxy binds; beyond loopback it needs --api-key, and "
+            "clients' Host names beyond it go in --config's allowed_hosts"
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    app_name: Annotated[
+        str | None,
+        typer.Option(
+            help="the Serve application's name (default: ddm); another `ddm serve` on the "
+            "same cluster needs another"
+        ),
+    ] = None,
+    route_prefix: Annotated[
+        str,
+        typer.Option(help="the path the application answers under (one per application)"),
+    ] = "/",
     replicas: Annotated[
         int | None, typer.Option(help="replicas per expert deployment (default: 1)")
     ] = None,
@@ -495,7 +519,7 @@ def serve_command(
     access_log: Annotated[bool, typer.Option(help="Serve's per-request access log")] = True,
 ) -> None:
     """Serve the DDM over HTTP with Ray Serve: a router ingress and one deployment per
-    expert; runs in the foreground until Ctrl-C.
+    expert; runs in the foreground until Ctrl-C, which deletes this application only.
 
     Every application argument
     (`router_service.app_config.AppArgs`) can be set in `--config`; the options here
@@ -520,7 +544,9 @@ def serve_command(
         device=device,
     )
     args = AppArgs.model_validate({**extra, **{k: v for k, v in given.items() if v is not None}})
-    serve_forever(args, host, port, access_log=access_log)
+    serve_forever(
+        args, host, port, access_log=access_log, app_name=app_name, route_prefix=route_prefix
+    )
 
 
 app.command("analyze", help=ANALYZE.__doc__)(ANALYZE)

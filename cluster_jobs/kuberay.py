@@ -4,7 +4,8 @@
 Each manifest is infra/kuberay/rayjob-expert.yaml with its `${PLACEHOLDER}`s filled in from the
 job: the same entrypoint, submission id and metadata that `ddm submit` would use. The template
 is parsed first and the values go into its string scalars, so a command with quotes, spaces or
-colons cannot break the YAML.
+colons cannot break the YAML. Each file holds the one RayJob; the NetworkPolicy of their
+clusters is one for all of them (infra/kuberay/networkpolicy-rayjobs.yaml), applied once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from ddm_nodes.errors import DDMError
 from ddm_nodes.store import write_atomic
 
 TEMPLATE = INFRA / "kuberay/rayjob-expert.yaml"
-DEFAULT_IMAGE = f"ddm:{__version__}"  # built from infra/kuberay/Dockerfile
+# Built from infra/kuberay/Dockerfile. A tag, for `kind load docker-image`; a registry's
+# image is best named by digest (`--image REGISTRY/ddm@sha256:...`), since a tag can move.
+DEFAULT_IMAGE = f"ddm:{__version__}"
+GPU_TAG_SUFFIX = "-gpu"  # the Dockerfile's CUDA build of a tag: ddm:0.1.0 -> ddm:0.1.0-gpu
 # KubeRay names a RayJob's cluster `<name>-xxxxx` and that cluster's Services `...-serve-svc`,
 # so it refuses RayJob names that are not DNS-1035 labels of at most 47 characters.
 MAX_NAME_LENGTH = 47
@@ -33,12 +37,17 @@ _HEADER = "# Rendered from infra/kuberay/rayjob-expert.yaml by `ddm submit --emi
 
 
 def render_rayjobs(
-    jobs: Iterable[Job], out_dir: str | Path, image: str = DEFAULT_IMAGE
+    jobs: Iterable[Job],
+    out_dir: str | Path,
+    image: str = DEFAULT_IMAGE,
+    gpu_image: str | None = None,
 ) -> list[Path]:
     """Write `out_dir/rayjob-<name>.yaml` for each job; returns the paths in job order.
-    Every job is checked before any file is written."""
+    `gpu_image` runs the GPU workers (default: `image`'s tag with -gpu). Every job is checked
+    before any file is written."""
     template = yaml.safe_load(TEMPLATE.read_text())
-    values = [_values(job, image) for job in jobs]
+    gpu_image = gpu_image or _gpu_image(image)
+    values = [_values(job, image, gpu_image) for job in jobs]
     names = [v["DDM_NAME"] for v in values]
     if len(set(names)) != len(names):
         raise DDMError(f"two jobs share a name in {names}: each needs its own manifest")
@@ -51,7 +60,17 @@ def render_rayjobs(
     return paths
 
 
-def _values(job: Job, image: str) -> dict[str, str]:
+def _gpu_image(image: str) -> str:
+    if "@" in image:
+        raise DDMError(
+            f"--image {image!r} is pinned by digest, which names that one build: the GPU "
+            "workers need the CUDA build's own reference as well (gpu_image, `--gpu-image "
+            "REGISTRY/ddm:0.1.0-gpu@sha256:...`)"
+        )
+    return image + GPU_TAG_SUFFIX
+
+
+def _values(job: Job, image: str, gpu_image: str) -> dict[str, str]:
     command, store = entrypoint(job), job.store
     if isinstance(job, AnalyzeJob) and not job.config.out.startswith("s3://"):
         raise DDMError(
@@ -78,6 +97,7 @@ def _values(job: Job, image: str) -> dict[str, str]:
         "ENTRYPOINT": command,
         "STORE": store,
         "IMAGE": image,
+        "GPU_IMAGE": gpu_image,
     }
 
 

@@ -12,11 +12,16 @@ under `<id>-r<N>` and resumes from its latest checkpoint. `ddm submit --analyze`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cluster_jobs import PROJECT_ROOT
@@ -29,17 +34,11 @@ from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.store import open_store
 
-WORKING_DIR_EXCLUDES = [
-    ".venv",
-    ".git",
-    "demo-out",
-    "bench-out",
-    "**/__pycache__",
-    "*.egg-info",
-    ".pytest_cache",
-    ".ruff_cache",
-    ".gl",
-]
+# What a job's working_dir holds: the Python sources of ddm's three packages and nothing
+# else, so that what else lies in the source tree (a .env, a local store, demo output)
+# never leaves the machine with a job.
+UPLOADED_PACKAGES = ("cluster_jobs", "ddm_nodes", "router_service")
+UPLOADED_SUFFIXES = (".py",)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -126,6 +125,28 @@ def plan(
     return configs
 
 
+@contextlib.contextmanager
+def staged_project(root: Path = PROJECT_ROOT) -> Iterator[Path]:
+    """A temporary copy of the uploaded packages' sources under `root`, to be a job's
+    working_dir: the job runs in it, so `python -m cluster_jobs...` imports this copy. Ray
+    names an upload by a hash of its files' paths and contents, so the same sources are
+    uploaded once, whatever the folder's name."""
+    with tempfile.TemporaryDirectory(prefix="ddm-job-") as folder:
+        staged = Path(folder)
+        for package in UPLOADED_PACKAGES:
+            if not (root / package / "__init__.py").is_file():
+                raise DDMError(f"{root / package} is not a package: jobs need ddm's sources")
+            for path in sorted((root / package).rglob("*")):
+                rel = path.relative_to(root)
+                if path.suffix not in UPLOADED_SUFFIXES or "__pycache__" in rel.parts:
+                    continue
+                if not path.is_file() or any(p.startswith(".") for p in rel.parts):
+                    continue
+                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, staged / rel)
+        yield staged
+
+
 def submit(
     address: str,
     jobs: list[Job],
@@ -137,44 +158,45 @@ def submit(
 
     client = _client(address, JobSubmissionClient)
     existing = {j.submission_id: j for j in client.list_jobs() if j.submission_id}
-    out = []
-    for cfg in jobs:
-        base = submission_id(cfg)
-        tries = sorted(
-            (sid for sid in existing if sid == base or sid.startswith(base + "-r")),
-            key=lambda s: existing[s].start_time or 0,
-        )
-        latest = existing[tries[-1]] if tries else None
-        status = str(latest.status.value if latest else "")
-        if latest and status in ("PENDING", "RUNNING"):
-            out.append(
-                Submitted(cfg.name, latest.submission_id, "skipped-running", latest.entrypoint)
-            )
-            continue
-        if latest and status == "SUCCEEDED" and not force:
-            out.append(
-                Submitted(cfg.name, latest.submission_id, "skipped-finished", latest.entrypoint)
-            )
-            continue
-        if force and isinstance(cfg, TrainConfig):
-            cfg = cfg.model_copy(update={"restart": True})
-        cmd = entrypoint(cfg)
-        sid = base if not tries else f"{base}-r{len(tries)}"
-        _submit_with_retry(
-            client,
-            entrypoint=cmd,
-            submission_id=sid,
-            runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": WORKING_DIR_EXCLUDES},
-            entrypoint_num_cpus=entrypoint_num_cpus,
-            entrypoint_num_gpus=0,
-            metadata={
-                "ddm_kind": cfg.kind,
-                "ddm_name": cfg.name,
-                "ddm_config_hash": cfg.config_hash(),
-            },
-        )
-        out.append(Submitted(cfg.name, sid, "resubmitted" if tries else "submitted", cmd))
-    return out
+    with staged_project() as working_dir:
+        return [
+            _submit_one(client, cfg, existing, working_dir, force, entrypoint_num_cpus)
+            for cfg in jobs
+        ]
+
+
+def _submit_one(
+    client, cfg: Job, existing: dict, working_dir: Path, force: bool, entrypoint_num_cpus: float
+) -> Submitted:
+    base = submission_id(cfg)
+    tries = sorted(
+        (sid for sid in existing if sid == base or sid.startswith(base + "-r")),
+        key=lambda s: existing[s].start_time or 0,
+    )
+    latest = existing[tries[-1]] if tries else None
+    status = str(latest.status.value if latest else "")
+    if latest and status in ("PENDING", "RUNNING"):
+        return Submitted(cfg.name, latest.submission_id, "skipped-running", latest.entrypoint)
+    if latest and status == "SUCCEEDED" and not force:
+        return Submitted(cfg.name, latest.submission_id, "skipped-finished", latest.entrypoint)
+    if force and isinstance(cfg, TrainConfig):
+        cfg = cfg.model_copy(update={"restart": True})
+    cmd = entrypoint(cfg)
+    sid = base if not tries else f"{base}-r{len(tries)}"
+    _submit_with_retry(
+        client,
+        entrypoint=cmd,
+        submission_id=sid,
+        runtime_env={"working_dir": str(working_dir)},
+        entrypoint_num_cpus=entrypoint_num_cpus,
+        entrypoint_num_gpus=0,
+        metadata={
+            "ddm_kind": cfg.kind,
+            "ddm_name": cfg.name,
+            "ddm_config_hash": cfg.config_hash(),
+        },
+    )
+    return Submitted(cfg.name, sid, "resubmitted" if tries else "submitted", cmd)
 
 
 def _submit_with_retry(client, attempts: int = 30, **kwargs: Any) -> None:

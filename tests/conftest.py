@@ -1,18 +1,25 @@
-"""Shared fixtures: a real S3-compatible server (moto in server mode) on loopback."""
+"""Shared fixtures: a real S3-compatible server (moto in server mode) on loopback, a real
+local Ray head (`ddm cluster up`), `ddm serve`; and what the processes ddm starts listen on,
+checked against README's security notes."""
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cluster_jobs.ops.s3_server import free_port, moto_server
@@ -256,3 +263,97 @@ def build_tiny_ddm(root: str | Path, clusters: int, image_size: int, router_lr=1
     lr = {} if router_lr is None else {"lr": router_lr}
     train_local(TrainConfig(kind="router", preset="router-tiny", **lr, **common))
     return root
+
+
+# --- listening sockets, against README's "Listening sockets" table ---
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+ALL_INTERFACES, MACHINE_ADDRESS, LOOPBACK = "all interfaces", "machine address", "loopback"
+
+
+@dataclass(frozen=True)
+class Listening:
+    pid: int
+    process: str  # `process_name(argv)`
+    ip: str
+    port: int
+
+    @property
+    def bind(self) -> str:
+        if self.ip in ("0.0.0.0", "::"):
+            return ALL_INTERFACES
+        address = ipaddress.ip_address(self.ip)
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+        return LOOPBACK if (mapped or address).is_loopback else MACHINE_ADDRESS
+
+
+def process_name(argv: list[str]) -> str:
+    """How README names a process: a Ray worker by its class (`ray::ServeReplica`), a Python
+    program by its module, its path inside site-packages or `ddm SUBCOMMAND`, anything else
+    by its executable's name."""
+    first = argv[0].split()[0] if argv and argv[0].strip() else "?"
+    if first.startswith("ray::"):
+        return "ray::" + re.split(r"[:.]", first[len("ray::") :])[0]
+    if not Path(first).name.startswith("python"):
+        return Path(first).name
+    rest = [a for a in argv[1:] if a not in ("-u", "-B", "-E", "-s", "-I")]
+    if rest[:1] == ["-m"] and len(rest) > 1:
+        return rest[1]
+    if not rest or rest[0] == "-c":
+        return "python -c"
+    script = rest[0]
+    if "/site-packages/" in script:
+        return script.split("/site-packages/", 1)[1]
+    name = Path(script).name
+    return f"{name} {rest[1]}" if name in ("ddm", "ray") and len(rest) > 1 else name
+
+
+def listening_sockets(*pids: int) -> list[Listening]:
+    """Every listening TCP socket of these processes and all their descendants (psutil
+    reads /proc/PID/fd and /proc/net/tcp{,6})."""
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        top = psutil.Process(pid)
+        for p in [top, *top.children(recursive=True)]:
+            procs[p.pid] = p
+    found = set()
+    for p in procs.values():
+        try:
+            name = process_name(p.cmdline())
+            conns = p.net_connections(kind="inet")
+        except psutil.NoSuchProcess:  # a worker that ended while we looked
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN:
+                found.add(Listening(p.pid, name, c.laddr.ip, c.laddr.port))
+    return sorted(found, key=lambda s: (s.process, s.port))
+
+
+def readme_listening_rows() -> list[tuple[list[str], str, str]]:
+    """README's "Listening sockets" table: (process name patterns, port, bind) per row."""
+    text = README.read_text()
+    section = text[text.index("### Listening sockets") :]
+    section = section[: section.index("\n## ")]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) < 4 or set(cells[0]) <= {"-", " "}:
+            continue
+        if cells[0] == "process":  # the header
+            continue
+        rows.append((re.findall(r"`([^`]+)`", cells[0]), cells[1], cells[2]))
+    return rows
+
+
+def unlisted_beyond_loopback(sockets: list[Listening]) -> list[Listening]:
+    """The sockets bound beyond loopback that no README row names with that bind."""
+    rows = readme_listening_rows()
+    return [
+        s
+        for s in sockets
+        if s.bind != LOOPBACK
+        and not any(
+            s.bind in bind and any(fnmatch.fnmatchcase(s.process, pat) for pat in pats)
+            for pats, _, bind in rows
+        )
+    ]

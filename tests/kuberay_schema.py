@@ -1,7 +1,10 @@
 """KubeRay manifests checked the way a Kubernetes API server with KubeRay's CRDs installed
 checks them: JSON-schema validation against the stored version's openAPIV3Schema
 (infra/kuberay/schemas/, KubeRay's own CRD files), plus every field the schema does not
-declare, which Kubernetes would prune silently (a misspelt field would otherwise pass)."""
+declare, which Kubernetes would prune silently (a misspelt field would otherwise pass).
+
+NetworkPolicy is a built-in kind whose schema is not vendored: `network_policy_errors` checks
+its networking.k8s.io/v1 shape by hand, every field and enum of the parts we use."""
 
 from __future__ import annotations
 
@@ -75,3 +78,96 @@ def _unknown(value: Any, schema: dict, path: str, errors: list[str], top: bool =
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for i, item in enumerate(value):
             _unknown(item, schema["items"], f"{path}[{i}]", errors)
+
+
+# networking.k8s.io/v1 NetworkPolicy, as far as ingress/egress rules go (Kubernetes API
+# reference); a key outside these is a typo that the API server would reject.
+_NP_SPEC = {"podSelector", "policyTypes", "ingress", "egress"}
+_NP_RULE = {"ingress": {"from", "ports"}, "egress": {"to", "ports"}}
+_NP_PEER = {"podSelector", "namespaceSelector", "ipBlock"}
+_NP_PORT = {"port", "protocol", "endPort"}
+_SELECTOR = {"matchLabels", "matchExpressions"}
+_EXPRESSION = {"key", "operator", "values"}
+_OPERATORS = {"In", "NotIn", "Exists", "DoesNotExist"}
+_PROTOCOLS = {"TCP", "UDP", "SCTP"}
+
+
+def network_policy_errors(doc: dict[str, Any]) -> list[str]:
+    """What the API server would refuse in a NetworkPolicy, by path."""
+    errors: list[str] = []
+    if doc.get("apiVersion") != "networking.k8s.io/v1" or doc.get("kind") != "NetworkPolicy":
+        return [
+            f"{doc.get('apiVersion')}/{doc.get('kind')} is not networking.k8s.io/v1 NetworkPolicy"
+        ]
+    if not (doc.get("metadata") or {}).get("name"):
+        errors.append("NetworkPolicy.metadata.name: required")
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        return [*errors, "NetworkPolicy.spec: required"]
+    _keys(spec, _NP_SPEC, "NetworkPolicy.spec", errors)
+    if not isinstance(spec.get("podSelector"), dict):
+        errors.append("NetworkPolicy.spec.podSelector: required (an empty {} selects every pod)")
+    else:
+        _selector(spec["podSelector"], "NetworkPolicy.spec.podSelector", errors)
+    types = spec.get("policyTypes")
+    if not isinstance(types, list) or not types or not set(types) <= {"Ingress", "Egress"}:
+        errors.append(f"NetworkPolicy.spec.policyTypes: {types!r}: a list of Ingress, Egress")
+    for direction, peers_key in (("ingress", "from"), ("egress", "to")):
+        for i, rule in enumerate(spec.get(direction) or []):
+            path = f"NetworkPolicy.spec.{direction}[{i}]"
+            _keys(rule, _NP_RULE[direction], path, errors)
+            for j, peer in enumerate(rule.get(peers_key) or []):
+                _peer(peer, f"{path}.{peers_key}[{j}]", errors)
+            for j, port in enumerate(rule.get("ports") or []):
+                _port(port, f"{path}.ports[{j}]", errors)
+    return errors
+
+
+def _keys(value: Any, allowed: set[str], path: str, errors: list[str]) -> None:
+    if not isinstance(value, dict):
+        errors.append(f"{path}: {value!r} is not an object")
+        return
+    errors.extend(f"{path}.{k}: no such field" for k in value if k not in allowed)
+
+
+def _selector(selector: Any, path: str, errors: list[str]) -> None:
+    _keys(selector, _SELECTOR, path, errors)
+    if not isinstance(selector, dict):
+        return
+    labels = selector.get("matchLabels", {})
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        errors.append(f"{path}.matchLabels: {labels!r}: a map of strings")
+    for i, e in enumerate(selector.get("matchExpressions", [])):
+        where = f"{path}.matchExpressions[{i}]"
+        _keys(e, _EXPRESSION, where, errors)
+        op = e.get("operator")
+        if op not in _OPERATORS:
+            errors.append(f"{where}.operator: {op!r}: one of {sorted(_OPERATORS)}")
+        elif (op in {"In", "NotIn"}) != bool(e.get("values")):
+            errors.append(f"{where}.values: In and NotIn need values, Exists and DoesNotExist none")
+
+
+def _peer(peer: Any, path: str, errors: list[str]) -> None:
+    _keys(peer, _NP_PEER, path, errors)
+    if not isinstance(peer, dict):
+        return
+    if not peer:
+        errors.append(f"{path}: empty peer")
+    if "ipBlock" in peer and len(peer) > 1:
+        errors.append(f"{path}: ipBlock cannot be combined with a selector")
+    for key in ("podSelector", "namespaceSelector"):
+        if key in peer:
+            _selector(peer[key], f"{path}.{key}", errors)
+
+
+def _port(port: Any, path: str, errors: list[str]) -> None:
+    _keys(port, _NP_PORT, path, errors)
+    if not isinstance(port, dict):
+        return
+    if port.get("protocol", "TCP") not in _PROTOCOLS:
+        errors.append(f"{path}.protocol: {port['protocol']!r}: one of {sorted(_PROTOCOLS)}")
+    number = port.get("port")  # none: every port of the protocol
+    if number is not None and not (
+        isinstance(number, str) or (isinstance(number, int) and 1 <= number <= 65535)
+    ):
+        errors.append(f"{path}.port: {number!r}: a port number or a named port")

@@ -7,12 +7,15 @@ Each case runs the real `ddm` console script. The runs of a module fixture go tw
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import free_port, run_ddm_in_process
 
+from cluster_jobs.ops.local_cluster import ClusterInfo
 from ddm_nodes.dataset_manifest import MANIFEST_KEY
 
 
@@ -86,6 +89,58 @@ def s3_runs(ddm, aws_envs):
     )
 
 
+@pytest.fixture(scope="module")
+def serve_env(tmp_path_factory) -> dict[str, str]:
+    """No API key, no RAY_ADDRESS, no cluster.json; `dead-cluster/` holds a cluster.json
+    whose GCS port is closed."""
+    tmp = tmp_path_factory.mktemp("serve-errors")
+    env = {k: v for k, v in os.environ.items() if k not in ("DDM_API_KEY", "RAY_ADDRESS")}
+    env["DDM_CLUSTER_DIR"] = str(tmp / "no-cluster")
+    (tmp / "dead-cluster").mkdir()
+    (tmp / "dead-cluster" / "cluster.json").write_text(
+        ClusterInfo(
+            gcs_address=f"127.0.0.1:{free_port()}", dashboard_url="http://127.0.0.1:1",
+            metrics_export_port=1, token_path=str(tmp / "dead-cluster" / "auth_token"),
+            num_cpus=1,
+        ).model_dump_json()
+    )  # fmt: skip
+    env["DEAD_CLUSTER_DIR"] = str(tmp / "dead-cluster")
+    env["STORE"] = str(tmp / "store")
+    return env
+
+
+@pytest.fixture(scope="module")
+def serve_runs(ddm, serve_env):
+    """`ddm serve` refused before any Ray starts, through the console script: no API key
+    beyond loopback; a RAY_ADDRESS where no GCS answers (instead of a hang)."""
+    serve = ["serve", "--store", serve_env["STORE"]]
+    closed = f"127.0.0.1:{free_port()}"
+    return _run_all(
+        ddm,
+        {
+            "host-without-key": ([*serve, "--host", "0.0.0.0"], serve_env),
+            "closed-port": (serve, {**serve_env, "RAY_ADDRESS": closed}),
+        },
+    )
+
+
+@pytest.fixture
+def in_process_serve(serve_env, monkeypatch):
+    """`ddm serve ARGS` in this process with `serve_env` and `env`; the variables the command
+    sets for Ray (token auth) are put back afterwards."""
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "DDM_API_KEY"):
+        monkeypatch.setenv(name, "")  # makes monkeypatch restore it, set or not
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DDM_CLUSTER_DIR", serve_env["DDM_CLUSTER_DIR"])
+
+    def run(*args: str, **env: str):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return run_ddm_in_process("serve", "--store", serve_env["STORE"], *args)
+
+    return run
+
+
 def assert_one_line_error(proc, *fragments: str) -> str:
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.splitlines()
@@ -135,3 +190,31 @@ def test_missing_bucket(s3_runs):
 def test_no_credentials(s3_runs, aws_envs):
     assert "AWS_ACCESS_KEY_ID" not in aws_envs["no_credentials"]
     assert_one_line_error(s3_runs["no-credentials"], "no AWS credentials", "AWS_ACCESS_KEY_ID")
+
+
+def test_serve_beyond_loopback_needs_an_api_key(serve_runs):
+    assert_one_line_error(
+        serve_runs["host-without-key"], "--host 0.0.0.0", "--api-key", "DDM_API_KEY"
+    )
+
+
+def test_serve_refuses_a_bad_route_prefix(in_process_serve):
+    assert_one_line_error(in_process_serve("--route-prefix", "ddm/"), "'ddm/'", "/ddm")
+
+
+def test_serve_names_a_ray_address_without_a_gcs(serve_runs, in_process_serve):
+    assert_one_line_error(serve_runs["closed-port"], "no Ray GCS answers at", "RAY_ADDRESS")
+    # an address that never answers, or (behind a proxy that accepts every connection)
+    # answers anything but a GCS: refused after GCS_PROBE_S at most
+    never = in_process_serve(RAY_ADDRESS="10.255.255.1:6379")
+    assert_one_line_error(never, "no Ray GCS answers at 10.255.255.1:6379", "RAY_ADDRESS")
+
+
+def test_serve_refuses_a_url_in_ray_address(in_process_serve):
+    done = in_process_serve(RAY_ADDRESS="http://127.0.0.1:8265")
+    assert_one_line_error(done, "RAY_ADDRESS=http://", "host:port")
+
+
+def test_serve_names_ddm_cluster_up_for_a_dead_head(in_process_serve, serve_env):
+    done = in_process_serve(DDM_CLUSTER_DIR=serve_env["DEAD_CLUSTER_DIR"])
+    assert_one_line_error(done, "cluster.json", "`ddm cluster up`")

@@ -59,3 +59,12 @@ def test_a_bad_list_item_names_its_option_and_position(tmp_path):
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: --seeds (item 2): ")
+
+
+def test_serve_default_app_name_is_the_apps():
+    """serving.py names the default without importing router_service.app (torch, diffusers):
+    the two must not drift apart."""
+    from cluster_jobs.ops.serving import DEFAULT_APP_NAME
+    from router_service.app import APP_NAME
+
+    assert DEFAULT_APP_NAME == APP_NAME

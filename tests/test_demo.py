@@ -1,7 +1,9 @@
 """`ddm demo` end to end with tiny settings (what `make demo` runs): a real local Ray head,
 real Ray jobs, the real Serve app over HTTP and a real Prometheus (`ddm stack`). While it
 holds everything up (`--keep`), every PromQL expression of the Grafana dashboards and the
-alert rules is evaluated through Prometheus' HTTP API; then Ctrl-C must stop all of it."""
+alert rules is evaluated through Prometheus' HTTP API, and every socket its processes
+listen on beyond loopback must be in README's security notes; then Ctrl-C must stop all
+of it."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
+from conftest import listening_sockets, unlisted_beyond_loopback
 
 from cluster_jobs.ops import stack
 from cluster_jobs.ops.demo import DemoConfig
@@ -120,6 +124,26 @@ def test_every_dashboard_and_alert_expression_evaluates(demo):
     rules = httpx.get(f"{prom}/api/v1/rules", timeout=30).json()["data"]["groups"]
     loaded = {r["name"] for g in rules for r in g["rules"]}
     assert loaded == {name for name, _ in stack.alert_exprs()}
+
+
+def test_every_socket_beyond_loopback_is_in_the_security_notes(demo):
+    """What `ddm cluster up`, `ddm stack up` and `ddm serve` listen on (the demo starts the
+    three, and is the root of their process trees)."""
+    out, endpoints, proc = demo
+    head_pid = json.loads((out / "cluster" / "cluster.json").read_text())["pid"]
+    prom_pid = json.loads((out / "stack" / "stack.json").read_text())["pid"]
+    sockets = listening_sockets(proc.pid)
+    pids = {s.pid for s in sockets}
+    seen = {s.process for s in sockets}
+    assert prom_pid in pids and {"gcs_server", "raylet", "ddm serve"} <= seen, sorted(seen)
+    assert head_pid in {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+    serve_port = int(endpoints["serve_url"].rsplit(":", 1)[1])
+    prom_port = int(endpoints["prometheus_url"].rsplit(":", 1)[1])
+    for port in (serve_port, prom_port):
+        (bound,) = {s.bind for s in sockets if s.port == port}
+        assert bound == "loopback", (port, bound)
+    unlisted = unlisted_beyond_loopback(sockets)
+    assert not unlisted, "README's security notes miss these:\n" + "\n".join(map(str, unlisted))
 
 
 def test_ctrl_c_stops_everything_the_demo_started(demo):

@@ -1,7 +1,11 @@
 """The Serve router service for real: `ddm serve` on a local Ray head (loopback, token
 auth), a real Prometheus scraping Ray's metrics port, HTTP clients on loopback.
 
-In file order: served == in-process; the HTTP API through Serve's proxy; 16 concurrent
+First, without a head: the Ray `ddm serve` starts on its own when there is no cluster to
+join ignores a stale `ray_current_cluster`, listens on loopback only and refuses a client
+without its token. Then, on the head, in file order: a second `ddm serve` that would take
+the first one's name, prefix or move its HTTP port is refused while the first keeps
+serving; served == in-process; the HTTP API through Serve's proxy; 16 concurrent
 clients x 10 requests with zero errors, then the same while one replica of a two-replica
 expert is killed; an expert with no live replica (its weights altered, its replica
 killed: the replacement refuses the weights) answered with 503 or `degraded`; and every
@@ -12,10 +16,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import select
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.parse
@@ -25,11 +33,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import build_tiny_ddm, ddm_serving, free_port
+from conftest import (
+    build_tiny_ddm,
+    ddm_serving,
+    free_port,
+    listening_sockets,
+    run_ddm,
+)
 
 from cluster_jobs.analysis.sampling import run_remote_sample, run_sample, sample_request
-from ddm_nodes.checkpoint import WEIGHTS_FILE
+from ddm_nodes.checkpoint import WEIGHTS_FILE, open_checkpoint
 from ddm_nodes.names import expert_prefix
+from ddm_nodes.store import open_store
 from router_service.local_experts import LocalExperts
 
 pytestmark = pytest.mark.integration
@@ -108,6 +123,131 @@ def prometheus(ray_head, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+OWN_RAY = textwrap.dedent(
+    """
+    import sys
+    from cluster_jobs.ops.local_cluster import connect
+
+    assert connect(logging_level="ERROR")  # what `ddm serve` does with no cluster to join
+    import ray
+
+    print(ray.get_runtime_context().gcs_address, flush=True)
+    sys.stdin.read()  # until the test has looked
+    """
+)
+GCS_CLIENT = textwrap.dedent(
+    """
+    import sys
+    from ray._raylet import GcsClient
+
+    try:
+        print(len(GcsClient(address=sys.argv[1]).internal_kv_keys(b"", None, timeout=10)))
+    except Exception as e:
+        print(type(e).__name__)
+    """
+)
+
+
+def _line_within(proc: subprocess.Popen, timeout_s: float) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    return proc.stdout.readline().strip() if ready else ""
+
+
+def test_a_ray_of_its_own_ignores_a_stale_address_file_and_needs_the_token():
+    """A head stopped by PID leaves `ray_current_cluster` behind; `ray.init()` would follow
+    it and retry the dead GCS for good. `connect` starts its own Ray instead: on loopback
+    only, with the state folder's token, and nothing written to ~/.ray."""
+    # Ray's temp dir (RAY_TMPDIR) and HOME of the test's own: the machine's /tmp/ray and
+    # ~/.ray are never touched. Short, because Ray's socket paths live under it.
+    root = Path(tempfile.mkdtemp(prefix="ddm-t-"))
+    try:
+        (root / "ray").mkdir()
+        stale = root / "ray" / "ray_current_cluster"
+        stale.write_text("10.255.255.1:6379")  # a GCS that never answers
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env |= {"RAY_TMPDIR": str(root), "HOME": str(root / "home")}
+        env["DDM_CLUSTER_DIR"] = str(root / "cluster")
+        own = subprocess.Popen(
+            [sys.executable, "-c", OWN_RAY], env=env, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        try:
+            gcs = _line_within(own, 120)
+            assert gcs.startswith("127.0.0.1:"), f"no Ray of its own within 120 s: {gcs!r}"
+            sockets = listening_sockets(own.pid)
+            assert {"gcs_server", "raylet"} <= {s.process for s in sockets}
+            assert [s for s in sockets if s.bind != "loopback"] == []
+
+            token = root / "cluster" / "auth_token"
+            assert stat.S_IMODE(token.stat().st_mode) == 0o600
+            assert stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+            with_token = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+            answers = {}
+            for who, client_env in (("no token", env), ("token", with_token)):
+                done = subprocess.run(
+                    [sys.executable, "-c", GCS_CLIENT, gcs], env=client_env,
+                    capture_output=True, text=True, timeout=120,
+                )  # fmt: skip
+                answers[who] = done.stdout.strip().splitlines()[-1:]
+            assert answers["no token"] == ["AuthenticationError"], answers
+            assert answers["token"][0].isdigit(), answers
+        finally:
+            own.stdin.close()
+            own.wait(timeout=60)
+        assert stale.read_text() == "10.255.255.1:6379"
+        assert not (root / "home" / ".ray").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "host, added",
+    [("10.0.0.5", "10.0.0.5"), ("ddm.example.org", "ddm.example.org"), ("::1", None),
+     ("localhost", None), ("0.0.0.0", None), ("::", None)],
+)  # fmt: skip
+def test_serve_answers_the_host_it_binds(host, added):
+    """`--host H` adds H to allowed_hosts; a loopback name is there already, and a wildcard
+    is no name a client sends (a browser sent to 0.0.0.0 reaches loopback)."""
+    from cluster_jobs.ops.serving import is_loopback, with_bound_host
+    from router_service.app_config import AppArgs
+
+    args = AppArgs(store="s")
+    bound = with_bound_host(args, host)
+    expected = [*args.allowed_hosts, *([added] if added else [])]
+    assert bound.allowed_hosts == expected
+    assert is_loopback(host) == (host in ("::1", "localhost"))
+
+
+def _serve_port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_a_second_serve_is_refused_and_the_first_keeps_serving(served, store, ray_head):
+    """Serve keeps the HTTP address it was started with, and one app per name and prefix:
+    a second `ddm serve` asking otherwise is refused, naming what runs, and the first one
+    (whose Ctrl-C deletes its own app only) keeps answering."""
+    port = str(_serve_port(served))
+    cases = {
+        "same name": ["--port", port],
+        "other port": ["--port", str(free_port())],
+        "same prefix": ["--port", port, "--app-name", "ddm-two"],
+    }
+    with ThreadPoolExecutor(len(cases)) as pool:
+        runs = {
+            name: pool.submit(run_ddm, "serve", "--store", store, *args, env=ray_head)
+            for name, args in cases.items()
+        }
+        done = {name: run.result() for name, run in runs.items()}
+    for name, run in done.items():
+        assert run.returncode == 2 and run.stdout == "", (name, run.stderr[-2000:])
+    lines = {name: run.stderr.strip().splitlines()[-1] for name, run in done.items()}
+    assert "'ddm' already runs" in lines["same name"] and "--app-name" in lines["same name"]
+    assert f"127.0.0.1:{port}" in lines["other port"] and f"--port {port}" in lines["other port"]
+    assert "route prefix / is taken" in lines["same prefix"], lines
+    experts = httpx.get(f"{served}/v1/experts", headers=AUTH, timeout=30)
+    assert experts.status_code == 200 and len(experts.json()["experts"]) == K
 
 
 def _post(url: str, body: dict, path: str = "/v1/samples", headers=AUTH) -> httpx.Response:
@@ -253,7 +393,8 @@ def test_load_then_a_replica_killed_under_load(served, ray_head):
 
 
 def test_an_expert_without_live_replicas(served, store, ray_head):
-    weights = Path(store) / expert_prefix(2) / WEIGHTS_FILE
+    served_version = open_checkpoint(open_store(store), expert_prefix(2)).folder
+    weights = Path(store) / served_version / WEIGHTS_FILE
     original = weights.read_bytes()
     weights.write_bytes(original[:-16] + bytes(16))  # replacements now refuse to load
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -117,16 +116,12 @@ class RayEngine:
 
 
 def _connect() -> None:
-    import ray
+    from cluster_jobs.ops.local_cluster import connect
+
+    # before Ray is imported here: which cluster, and its token auth, are settled first
+    connect(logging_level="ERROR", log_to_driver=False)
     import ray.data
 
-    from cluster_jobs.ops.local_cluster import use_local_cluster_auth
-
-    if not ray.is_initialized():
-        info = use_local_cluster_auth()
-        # "local": a Ray of this run's own, not whatever /tmp/ray last pointed at
-        address = os.environ.get("RAY_ADDRESS") or (info.gcs_address if info else "local")
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -12,6 +12,13 @@ need the same two variables; `ddm cluster env` prints them.
 The head and every worker node run as `ray start ... --block` in their own process groups,
 and their PIDs are recorded: `down` stops exactly those (SIGTERM: Ray's node stops its
 processes; workers first), so other Ray clusters of the same user on the machine keep running.
+A recorded PID is signalled only while it still runs the `ray start` that `up` launched.
+
+Every ddm command that drives Ray (`ddm serve`, `ddm prepare --engine ray`) goes through
+`driver_target` and `connect`: it joins RAY_ADDRESS or this head, checked to answer first, or
+starts a Ray of its own on 127.0.0.1 with token auth, and never calls `ray.init()` without
+an address: that follows `<Ray temp dir>/ray_current_cluster`, which a head stopped by PID
+leaves behind, and retries the dead GCS for good.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -34,6 +43,12 @@ from cluster_jobs.ops import processes
 from ddm_nodes.errors import DDMError
 
 DEFAULT_DIR = Path("~/.ddm/cluster")
+TOKEN_FILE = "auth_token"
+GCS_PROBE_S = 3.0  # a GCS on this machine or its network answers in milliseconds
+GCS_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+GCS_SERVING = b"\x08\x01"  # HealthCheckResponse(status=SERVING), serialised
+TEMP_DIR_PREFIXES = ("ddm-h-", "ddm-n")  # what `up` names its nodes' Ray temp dirs
+LOOPBACK_ONLY_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray 2.60, ray_constants.py
 
 
 class WorkerNode(BaseModel):
@@ -95,9 +110,113 @@ def use_local_cluster_auth() -> ClusterInfo | None:
     """Make this process a client of the cluster `ddm cluster up` started, if there is one."""
     info = load_info()
     if info is not None:
-        os.environ["RAY_AUTH_MODE"] = "token"
-        os.environ["RAY_AUTH_TOKEN_PATH"] = info.token_path
+        use_token(info.token_path)
     return info
+
+
+def use_token(path: str) -> None:
+    """Token auth with the token in `path`, for this process and what it starts."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    if "ray._raylet" in sys.modules:
+        # Ray copies RAY_AUTH_MODE into its config, and the token into a cache, when it is
+        # imported; without a refresh this process would stay unauthenticated while the
+        # processes it starts use the token. Ray refreshes them the same way itself
+        # (ray._private.authentication.authentication_token_setup).
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+def ensure_token(folder: Path) -> Path:
+    """The token file in `folder`, created if missing: a 0600 file in a 0700 folder, with
+    its mode set as it is created (no moment where another user could read it)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)  # mkdir's mode goes through the umask and skips a folder that exists
+    path = folder / TOKEN_FILE
+    try:
+        # O_EXCL: never write through a file or link someone else put there
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:  # an older ddm wrote it, then chmodded it
+            path.chmod(0o600)
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def driver_target() -> str | None:
+    """The GCS (host:port) this process's Ray driver joins, or None for a Ray of its own:
+    RAY_ADDRESS when it names a GCS, else the head `ddm cluster up` started, else None. A
+    GCS that does not answer fails here, within GCS_PROBE_S, with the fix. Call it
+    before Ray is imported: it sets the token auth the driver uses (a Ray of its own gets
+    the state folder's token)."""
+    info = load_info()
+    given = os.environ.get("RAY_ADDRESS", "").strip()
+    if given == "local":
+        given = ""
+    if given and ("://" in given or given == "auto"):
+        raise DDMError(
+            f"RAY_ADDRESS={given}: give the GCS address host:port of the cluster to join "
+            "(`ddm cluster env` prints it; a URL is the job API's), or unset RAY_ADDRESS"
+        )
+    if given:
+        _check_gcs(given, "RAY_ADDRESS", "fix or unset RAY_ADDRESS, or run `ddm cluster up`")
+        if info is not None and given == info.gcs_address:
+            use_token(info.token_path)
+        return given
+    if info is not None:
+        _check_gcs(
+            info.gcs_address,
+            f"the head in {state_dir() / 'cluster.json'}",
+            "start it again with `ddm cluster up` (`ddm cluster down` forgets it)",
+        )
+        use_token(info.token_path)
+        return info.gcs_address
+    use_token(str(ensure_token(state_dir())))
+    if "ray" not in sys.modules:
+        # Ray's one-machine mode (the default on macOS and Windows): its node address, and
+        # with it every server of the Ray, binds 127.0.0.1 instead of the machine's address
+        # and all interfaces. Read when Ray is imported, by this process and what it starts;
+        # a process that imported Ray already keeps the default for both.
+        os.environ[LOOPBACK_ONLY_VAR] = "0"
+    return None
+
+
+def _check_gcs(address: str, named_by: str, fix: str) -> None:
+    """Ask the GCS at `address` whether it serves (gRPC's standard health check, which Ray's
+    GCS answers without the token). A bare TCP connect is not enough: a proxy or NAT on the
+    way may accept any connection, and ray.init would then retry for minutes."""
+    import grpc  # Ray's own dependency; importing it does not import Ray
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = channel.unary_unary(GCS_HEALTH_CHECK)(b"", timeout=GCS_PROBE_S)
+        if reply == GCS_SERVING:
+            return
+        why = "not serving"
+    except grpc.RpcError as e:
+        why = e.code().name
+    raise DDMError(f"no Ray GCS answers at {address} ({named_by}; {why}): {fix}")
+
+
+def connect(**init: Any) -> bool:
+    """Make this process a Ray driver (`init`: more ray.init arguments): of the cluster
+    `driver_target` names, else of a Ray of its own on 127.0.0.1 with token auth. True when
+    it started its own, which ends with this process."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return False
+    address = driver_target()
+    import ray
+
+    if address is not None:
+        ray.init(address=address, **init)
+        return False
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **init)
+    return True
 
 
 def _ray_cli() -> str:
@@ -131,7 +250,8 @@ def up(
     """Start the head (or return the running one) and `nodes - 1` worker nodes, each with
     `num_cpus` CPUs. The job agent's port is free-chosen by default: Ray's fixed 52365 makes
     a second head on the machine start without a job agent, and every job submitted to it
-    fails with "No available agent"."""
+    fails with "No available agent". So is the Ray Client server's: a head whose client
+    server cannot bind Ray's fixed 10001 stops all of itself moments after it came up."""
     if nodes < 1:
         raise DDMError(f"--nodes {nodes}: a cluster has at least its head")
     info = load_info()
@@ -143,11 +263,7 @@ def up(
             )
         return info
     folder = state_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    token = folder / "auth_token"
-    if not token.exists():
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
+    token = ensure_token(folder)
     info = ClusterInfo(
         gcs_address=f"127.0.0.1:{port}",
         dashboard_url=f"http://127.0.0.1:{dashboard_port}",
@@ -165,6 +281,7 @@ def up(
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--metrics-export-port", str(metrics_export_port), "--num-cpus", str(info.num_cpus),
         "--dashboard-agent-listen-port", str(dashboard_agent_listen_port or free_port()),
+        "--ray-client-server-port", str(free_port()),
         "--resources", json.dumps({node_resource(0): 1}), "--disable-usage-stats",
     ]  # fmt: skip
     env = {**os.environ, **info.env()}
@@ -262,23 +379,74 @@ def _wait_for_nodes(info: ClusterInfo, env: dict, nodes: int, deadline: float) -
         time.sleep(1)
 
 
-def down() -> bool:
-    """Stop the head `up` started, by its PID (never by process name). False if none."""
+@dataclass
+class Down:
+    """What `down` did: the PIDs it stopped, and a line for each recorded process it left
+    alone (gone already, or the PID now runs another program)."""
+
+    stopped: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def down() -> Down | None:
+    """Stop the nodes `up` started, by their PIDs (never by process name), each only while
+    it still runs the `ray start` that `up` launched; then forget the cluster. None if there
+    is none."""
     info = load_info()
     if info is None:
-        return False
+        return None
+    done = Down()
     for node in info.workers:  # before the head, so they do not outlive their GCS
-        processes.stop(node.pid, grace_s=30, group=True)
-        shutil.rmtree(node.temp_dir, ignore_errors=True)
+        flags = {"--address": info.gcs_address, "--temp-dir": node.temp_dir}
+        _stop_node(node.pid, f"worker node {node.index}", flags, done)
+        _remove_temp_dir(node.temp_dir)
     if info.pid is not None:
-        processes.stop(info.pid, grace_s=30, group=True)
+        flags = {"--head": None, "--port": info.gcs_address.rpartition(":")[2]}
         if info.temp_dir is not None:
-            shutil.rmtree(info.temp_dir, ignore_errors=True)
-    else:  # a cluster.json from before heads were tracked by PID
-        env = {**os.environ, **info.env()}
-        subprocess.run([_ray_cli(), "stop", "--force"], env=env, capture_output=True)
+            flags["--temp-dir"] = info.temp_dir
+        _stop_node(info.pid, "the head", flags, done)
+        if info.temp_dir is not None:
+            _remove_temp_dir(info.temp_dir)
+    else:  # a cluster.json ddm did not write: nothing here is known to be ddm's to stop
+        done.notes.append(f"cluster.json names no PID of the head at {info.gcs_address}")
     (state_dir() / "cluster.json").unlink(missing_ok=True)
+    return done
+
+
+def _stop_node(pid: int, what: str, flags: dict[str, str | None], done: Down) -> None:
+    argv = processes.command_line(pid)
+    if argv is None:
+        processes.kill_group(pid)  # a raylet or GCS may outlive a `ray start` killed hard
+        done.notes.append(f"{what} (PID {pid}) had already exited")
+    elif not _is_ray_start(argv, flags):
+        shown = " ".join(argv)[:120] or "a process of another user"
+        done.notes.append(f"PID {pid} is no longer {what} ddm started but {shown!r}; left it")
+    else:
+        processes.stop(pid, grace_s=30, group=True)
+        done.stopped.append(pid)
+
+
+def _is_ray_start(argv: list[str], flags: dict[str, str | None]) -> bool:
+    """`argv` is `ray start ... --block` with every flag in `flags` (a None value: the flag
+    alone) as `up` gave them."""
+    if not any(Path(a).name == "ray" for a in argv[:2]) or "start" not in argv:
+        return False
+    if "--block" not in argv:
+        return False
+    for flag, value in flags.items():
+        if flag not in argv:
+            return False
+        at = argv.index(flag)
+        if value is not None and argv[at + 1 : at + 2] != [value]:
+            return False
     return True
+
+
+def _remove_temp_dir(path: str) -> None:
+    # only a folder named as `up` names them: a cluster.json edited by hand must not make
+    # `down` delete a folder ddm did not create
+    if Path(path).name.startswith(TEMP_DIR_PREFIXES):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def env_lines() -> list[str]:

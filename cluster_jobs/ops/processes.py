@@ -1,11 +1,15 @@
 """Stopping a process ddm started (a Ray head, Prometheus) by its recorded PID, never by
-process name: other heads or Prometheus servers of the same user keep running."""
+process name: other heads or Prometheus servers of the same user keep running. A recorded
+PID is checked against the command line ddm started before it is signalled: the process
+may have exited since, and the PID gone to another program."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+
+import psutil
 
 
 def alive(pid: int) -> bool:
@@ -22,6 +26,29 @@ def alive(pid: int) -> bool:
     except PermissionError:  # exists, another user's
         return True
     return True
+
+
+def command_line(pid: int) -> list[str] | None:
+    """The argv `pid` runs, or None when no process (a zombie included) has that PID. A
+    process of another user whose argv cannot be read answers [] (never one of ours)."""
+    if not alive(pid):  # reaps our own exited child first
+        return None
+    try:
+        return psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:
+        return []
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL what is left of process group `pgid` whose leader has exited. Safe by the
+    kernel's rule that a PID is not handed out again while a group still carries it as its
+    id: every member is a descendant of the leader ddm started."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def stop(pid: int, grace_s: float = 15.0, *, group: bool = False) -> None:

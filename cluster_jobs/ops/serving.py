@@ -1,14 +1,17 @@
 """`ddm serve`: the Serve application (router + one deployment per expert) on a Ray cluster,
-in the foreground until Ctrl-C or SIGTERM, which delete the application again.
+in the foreground until Ctrl-C or SIGTERM, which delete that application again.
 
-Ray: the head `ddm cluster up` started when there is one (its token auth is picked up),
-else the cluster in RAY_ADDRESS (host:port of a GCS), else a local Ray inside this
-process, bound to 127.0.0.1. Serve's HTTP proxy binds `--host` (default 127.0.0.1).
+Ray: the cluster in RAY_ADDRESS (host:port of a GCS), else the head `ddm cluster up`
+started (its token auth is picked up), else a Ray inside this process on 127.0.0.1 with
+token auth (`local_cluster.connect`). Serve's HTTP proxy binds `--host` (default 127.0.0.1);
+an address beyond loopback needs an API key. Several `ddm serve` can share one Serve, each
+with its own `--app-name` and `--route-prefix`, on the one HTTP address Serve was started
+with: a request for another address, name or prefix is refused, not silently ignored.
 """
 
 from __future__ import annotations
 
-import os
+import ipaddress
 import signal
 import sys
 import time
@@ -18,35 +21,56 @@ from ddm_nodes.errors import DDMError
 from router_service.app_config import AppArgs
 
 READY_TIMEOUT_S = 600
+DELETING_WAIT_S = 60  # an app of the same name Ctrl-C'd a moment ago may still be going
+WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
+# router_service.app.APP_NAME, whose module takes torch and diffusers to import; a test
+# keeps the two equal
+DEFAULT_APP_NAME = "ddm"
 
 
-def connect_ray() -> bool:
-    """Join the cluster (see the module docstring); True when a local Ray was started."""
-    from cluster_jobs.ops.local_cluster import use_local_cluster_auth
-
-    info = use_local_cluster_auth()
-    import ray
-
-    if ray.is_initialized():
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
         return False
-    env_address = os.environ.get("RAY_ADDRESS", "")
-    if info is not None:
-        address = info.gcs_address
-    elif env_address and not env_address.startswith("http"):
-        address = env_address
-    else:
-        address = None
-    os.environ.pop("RAY_ADDRESS", None)  # a dashboard URL there would confuse ray.init
-    if address is not None:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-        return False
-    ray.init(
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=False,
+
+
+def check_exposure(host: str, args: AppArgs) -> None:
+    """Refuse to serve beyond this machine without an API key."""
+    if not is_loopback(host) and args.api_key is None:
+        raise DDMError(
+            f"--host {host} serves beyond this machine: give an API key (--api-key KEY or "
+            "DDM_API_KEY), or bind a loopback address such as 127.0.0.1"
+        )
+
+
+def with_bound_host(args: AppArgs, host: str) -> AppArgs:
+    """`args` answering the Host header clients use for `host` too."""
+    # A wildcard is no name a client sends, and a browser sent to 0.0.0.0 reaches this
+    # machine's loopback: answering Host 0.0.0.0 would reopen what allowed_hosts closes.
+    if host in WILDCARD_HOSTS or "*" in args.allowed_hosts:
+        return args
+    bare = host.strip("[]").lower()
+    if bare in {h.strip("[]").lower() for h in args.allowed_hosts}:
+        return args
+    return AppArgs.model_validate(
+        {**args.model_dump(), "allowed_hosts": [*args.allowed_hosts, host]}
     )
-    return True
+
+
+def check_route_prefix(route_prefix: str) -> None:
+    if not route_prefix.startswith("/") or (route_prefix != "/" and route_prefix.endswith("/")):
+        raise DDMError(
+            f"--route-prefix {route_prefix!r}: give '/' or a path like /ddm (a leading '/', "
+            "no trailing one)"
+        )
+
+
+def _url(host: str, port: int, route_prefix: str) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}{route_prefix.rstrip('/')}"
 
 
 def _wait_ready(url: str, app_name: str, deadline: float) -> None:
@@ -74,39 +98,105 @@ def _wait_ready(url: str, app_name: str, deadline: float) -> None:
     raise DDMError(f"the service at {url} did not become ready within {READY_TIMEOUT_S} s")
 
 
-def serve_forever(args: AppArgs, host: str, port: int, *, access_log: bool = True) -> None:
-    from cluster_jobs.ops.local_cluster import use_local_cluster_auth
+def serve_running(host: str, port: int, app_name: str, route_prefix: str) -> bool:
+    """Whether Serve already runs on the cluster; if it does, check that it has this HTTP
+    address and no application named `app_name` or under `route_prefix` yet."""
+    # Serve's public API has no reader of the running HTTP options (serve.start logs a
+    # warning and keeps the old ones); the controller's client holds them (Ray 2.60).
+    from ray.serve.context import _get_global_client
 
-    use_local_cluster_auth()  # before Ray is imported: it reads RAY_AUTH_MODE once, then
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return False
+    running = client.http_config
+    if (running.host, running.port) != (host, port):
+        raise DDMError(
+            f"Serve already runs on this cluster with its HTTP proxy on "
+            f"{running.host}:{running.port}, which it cannot move: pass --host {running.host} "
+            f"--port {running.port}, or stop every application with `serve shutdown`"
+        )
+    deadline = time.monotonic() + DELETING_WAIT_S
+    while True:
+        apps = client.get_serve_details().get("applications", {})
+        mine = apps.get(app_name)
+        if mine is None:
+            break
+        if mine.get("status") != "DELETING" or time.monotonic() > deadline:
+            raise DDMError(
+                f"a Serve application named {app_name!r} already runs on this cluster: stop "
+                "the `ddm serve` that deployed it, or pass --app-name NAME"
+            )
+        time.sleep(1)
+    for name, app in apps.items():
+        if app.get("route_prefix") == route_prefix:
+            raise DDMError(
+                f"route prefix {route_prefix} is taken by the Serve application {name!r}: "
+                "pass --route-prefix /NAME"
+            )
+    return True
+
+
+def serve_forever(
+    args: AppArgs,
+    host: str,
+    port: int,
+    *,
+    access_log: bool = True,
+    app_name: str | None = None,
+    route_prefix: str = "/",
+) -> None:
+    from cluster_jobs.ops.local_cluster import connect, driver_target
+
+    check_exposure(host, args)
+    check_route_prefix(route_prefix)
+    args = with_bound_host(args, host)
+    app_name = app_name or DEFAULT_APP_NAME
+    ray_init = {"logging_level": "WARNING", "log_to_driver": False}
+    # Which Ray, and its token auth, before Ray is imported (it reads RAY_AUTH_MODE then);
+    # a GCS that does not answer fails here, in seconds.
+    if driver_target() is not None:
+        # A clash with the Serve already there is refused before the app is built, which
+        # imports torch and diffusers (many seconds). A Ray of its own has no Serve yet, and
+        # is started only once the store is known good.
+        connect(**ray_init)
+        serve_running(host, port, app_name, route_prefix)
     from ray import serve
 
-    from router_service.app import APP_NAME, build_app
+    from router_service.app import build_app
 
-    app = build_app(args)  # checks the store before anything starts
-    started_ray = connect_ray()
-    url = f"http://{host}:{port}"
+    app = build_app(args)  # checks the store before anything is deployed
+    started_ray = connect(**ray_init)
+    url = _url(host, port, route_prefix)
 
     def _stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)  # SIGTERM cleans up like Ctrl-C
+    deployed = False
     try:
-        # One proxy, on the head, as infra/serve/ddm.yaml has it: the URL printed is the
-        # head's. Proxies on every node would each bind --host:--port; on one machine's
-        # loopback they share the port, and a lost node resets the connections its proxy held.
-        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        if not serve_running(host, port, app_name, route_prefix):
+            # One proxy, on the head, as infra/serve/ddm.yaml has it: the URL printed is the
+            # head's. Proxies on every node would each bind --host:--port; on one machine's
+            # loopback they share the port, and a lost node resets the connections its
+            # proxy held.
+            serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
         logging = {"enable_access_log": access_log}
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging)
-        _wait_ready(url, APP_NAME, time.monotonic() + READY_TIMEOUT_S)
+        deployed = True  # from here the name is ours: nothing else had it a moment ago
+        serve.run(
+            app, name=app_name, route_prefix=route_prefix, blocking=False, logging_config=logging
+        )
+        ready_url = _url("127.0.0.1" if host in WILDCARD_HOSTS else host, port, route_prefix)
+        _wait_ready(ready_url, app_name, time.monotonic() + READY_TIMEOUT_S)
         print(f"serving {args.store} at {url} (Ctrl-C stops it)", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
-        print("stopping the ddm application", file=sys.stderr, flush=True)
         try:
-            serve.delete(APP_NAME)
+            if deployed:
+                print(f"stopping the Serve application {app_name!r}", file=sys.stderr, flush=True)
+                serve.delete(app_name)
             if started_ray:
                 serve.shutdown()
         finally:
