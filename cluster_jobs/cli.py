@@ -311,6 +311,12 @@ def submit(
     image: Annotated[
         str | None, typer.Option(help="container image for --emit kuberay (default: ddm:VERSION)")
     ] = None,
+    gpu_image: Annotated[
+        str | None,
+        typer.Option(
+            help="the GPU workers' image for --emit kuberay (default: --image's -gpu tag)"
+        ),
+    ] = None,
     **training: Any,
 ) -> None:
     """Submit one Ray job per expert (and the router / monolith / featnet), or, with
@@ -354,7 +360,7 @@ def submit(
     if emit:
         from cluster_jobs.kuberay import DEFAULT_IMAGE, render_rayjobs
 
-        for path in render_rayjobs(to_submit, out, image or DEFAULT_IMAGE):
+        for path in render_rayjobs(to_submit, out, image or DEFAULT_IMAGE, gpu_image):
             print(f"wrote {path}")
         return
     done = jobs.submit(url, to_submit, force=force)

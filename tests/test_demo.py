@@ -83,7 +83,9 @@ def test_demo_writes_samples_and_a_report(demo):
         ("router", demo.classifier_options()),
         ("featnet", demo.classifier_options()),
     ):
-        ran = json.loads((out / "store" / prefix / "training.json").read_text())["config"]
+        version = json.loads((out / "store" / prefix / "current.json").read_text())["version"]
+        folder = out / "store" / prefix / "versions" / version
+        ran = json.loads((folder / "training.json").read_text())["config"]
         assert {k: ran[k] for k in asked} == asked, (prefix, ran)
     log = (out / "demo.log").read_text()
     for step in range(1, 8):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import math
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from ddm_nodes import flow
+from ddm_nodes.checkpoint import WEIGHTS_FILE
 from ddm_nodes.dataset_manifest import NULL_LABEL
 from ddm_nodes.errors import IntegrityError, ManifestError
 from router_service.policies import get_policy
@@ -598,7 +600,8 @@ def test_local_experts_predict_and_sample(trained_store):
 def test_local_experts_refuse_a_corrupted_expert(store_copy):
     from router_service.local_experts import LocalExperts
 
-    weights = store_copy / "experts/expert-001/diffusion_pytorch_model.safetensors"
+    version = json.loads((store_copy / "experts/expert-001/current.json").read_text())["version"]
+    weights = store_copy / "experts/expert-001/versions" / version / WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -609,7 +612,7 @@ def test_local_experts_refuse_a_corrupted_expert(store_copy):
 def test_local_experts_without_a_router_or_an_expert(store_copy):
     from router_service.local_experts import LocalExperts
 
-    (store_copy / "router/manifest.json").unlink()
+    (store_copy / "router/current.json").unlink()  # the published router's pointer
     local = LocalExperts(store_copy)
     assert local.router is None
     x_T = initial_noise(2, local.image_shape, seed=2)
@@ -617,6 +620,6 @@ def test_local_experts_without_a_router_or_an_expert(store_copy):
         sample(local, local.router, "top-1", x_T, time_grid(2))
     assert torch.isfinite(sample(local, None, "uniform", x_T, time_grid(2)).final).all()
 
-    (store_copy / "experts/expert-000/manifest.json").unlink()
+    (store_copy / "experts/expert-000/current.json").unlink()
     with pytest.raises(ManifestError, match=r"cluster\(s\) 0 of 2.*ddm submit"):
         LocalExperts(store_copy)
