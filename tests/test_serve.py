@@ -169,13 +169,15 @@ def test_a_ray_of_its_own_ignores_a_stale_address_file_and_needs_the_token():
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env |= {"RAY_TMPDIR": str(root), "HOME": str(root / "home")}
         env["DDM_CLUSTER_DIR"] = str(root / "cluster")
-        own = subprocess.Popen(
-            [sys.executable, "-c", OWN_RAY], env=env, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
+        log = root / "own-ray.log"
+        with open(log, "w") as err:
+            own = subprocess.Popen(
+                [sys.executable, "-c", OWN_RAY], env=env, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=err, text=True,
+            )  # fmt: skip
         try:
             gcs = _line_within(own, 120)
-            assert gcs.startswith("127.0.0.1:"), f"no Ray of its own within 120 s: {gcs!r}"
+            assert gcs.startswith("127.0.0.1:"), (gcs, log.read_text()[-3000:])
             sockets = listening_sockets(own.pid)
             assert {"gcs_server", "raylet"} <= {s.process for s in sockets}
             assert [s for s in sockets if s.bind != "loopback"] == []
