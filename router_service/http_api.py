@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ddm_nodes.names import expert_name
 from router_service.policies import strategy_label
 from router_service.sampler import DecoderUnavailable, ExpertUnavailable
-from router_service.schemas import ImagesRequest, RequestError, SampleRequest, parse
+from router_service.schemas import ImagesRequest, RequestError, SampleRequest, host_name, parse
 from router_service.service import DeadlineExceeded, Overloaded, QueueTimeout, SamplingService
 
 log = logging.getLogger("ddm.serve")
@@ -94,17 +94,6 @@ class RequestIds:
 
 def request_id(request: Request) -> str:
     return request.scope["state"]["request_id"]
-
-
-def host_name(authority: str) -> str:
-    """The host of a Host header or an allowed_hosts entry, port and IPv6 brackets removed,
-    lower case: "[::1]:8000" -> "::1", "LocalHost:80" -> "localhost"."""
-    text = authority.strip().lower()
-    if text.startswith("["):
-        return text[1 : text.find("]")] if "]" in text else text
-    if text.count(":") == 1:  # host:port; more colons is a bare IPv6 address
-        text = text.partition(":")[0]
-    return text.removesuffix(".")
 
 
 def _check_host(service: SamplingService, request: Request) -> None:

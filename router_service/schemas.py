@@ -22,6 +22,19 @@ MAX_SEED = 2**63 - 1
 # Hosts the API answers by default (the Host header, port ignored): DNS rebinding lets a web
 # page send a browser's requests to a loopback service under the page's own host name
 DEFAULT_ALLOWED_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def host_name(authority: str) -> str:
+    """The host of a Host header or an allowed_hosts entry, port and IPv6 brackets removed,
+    lower case: "[::1]:8000" -> "::1", "LocalHost:80" -> "localhost"."""
+    text = authority.strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    if text.count(":") == 1:  # host:port; more colons is a bare IPv6 address
+        text = text.partition(":")[0]
+    return text.removesuffix(".")
+
+
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
 Model = TypeVar("Model", bound=BaseModel)
 

@@ -19,6 +19,7 @@ import urllib.request
 
 from ddm_nodes.errors import DDMError
 from router_service.app_config import AppArgs
+from router_service.schemas import host_name
 
 READY_TIMEOUT_S = 600
 DELETING_WAIT_S = 60  # an app of the same name Ctrl-C'd a moment ago may still be going
@@ -52,8 +53,7 @@ def with_bound_host(args: AppArgs, host: str) -> AppArgs:
     # machine's loopback: answering Host 0.0.0.0 would reopen what allowed_hosts closes.
     if host in WILDCARD_HOSTS or "*" in args.allowed_hosts:
         return args
-    bare = host.strip("[]").lower()
-    if bare in {h.strip("[]").lower() for h in args.allowed_hosts}:
+    if host_name(host) in {host_name(h) for h in args.allowed_hosts}:
         return args
     return AppArgs.model_validate(
         {**args.model_dump(), "allowed_hosts": [*args.allowed_hosts, host]}
