@@ -154,12 +154,7 @@ def serve_forever(
     ray_init = {"logging_level": "WARNING", "log_to_driver": False}
     # Which Ray, and its token auth, before Ray is imported (it reads RAY_AUTH_MODE then);
     # a GCS that does not answer fails here, in seconds.
-    if driver_target() is not None:
-        # A clash with the Serve already there is refused before the app is built, which
-        # imports torch and diffusers (many seconds). A Ray of its own has no Serve yet, and
-        # is started only once the store is known good.
-        connect(**ray_init)
-        serve_running(host, port, app_name, route_prefix)
+    driver_target()
     from ray import serve
 
     from router_service.app import build_app
