@@ -215,6 +215,22 @@ def ray_head(tmp_path_factory):
         assert down.returncode == 0, down.stderr
 
 
+def head_log_tails(env: dict, lines: int = 15) -> str:
+    """The last lines of the raylet's and GCS's logs of the head `env` names: why a node
+    it should have is gone, when a test fails on it."""
+    cluster = Path(env.get("DDM_CLUSTER_DIR", "")) / "cluster.json"
+    if not cluster.is_file():
+        return ""
+    temp_dir = json.loads(cluster.read_text()).get("temp_dir")
+    logs = Path(temp_dir or "/nonexistent") / "session_latest" / "logs"
+    tails = []
+    for name in ("raylet.out", "gcs_server.out"):
+        if (logs / name).is_file():
+            tail = (logs / name).read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"\n--- {logs / name} ---\n" + "\n".join(tail))
+    return "".join(tails)
+
+
 @contextlib.contextmanager
 def ddm_serving(store: str | Path, env: dict, folder: Path, *args: str) -> Iterator[str]:
     """`ddm serve --store STORE ARGS` in the foreground as a user runs it, on a free port;
@@ -232,7 +248,7 @@ def ddm_serving(store: str | Path, env: dict, folder: Path, *args: str) -> Itera
     try:
         deadline = time.monotonic() + 300
         while f"serving {store} at" not in log_path.read_text():
-            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert proc.poll() is None, log_path.read_text()[-3000:] + head_log_tails(env)
             assert time.monotonic() < deadline, "ddm serve did not start within 300 s"
             time.sleep(1)
         yield f"http://127.0.0.1:{port}"

@@ -71,8 +71,10 @@ def _cluster_info(env: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(ray_head, store, tmp_path_factory):
-    """`ddm serve` in the foreground as a user runs it; SIGINT stops it."""
+def served(store, ray_head, tmp_path_factory):
+    """`ddm serve` in the foreground as a user runs it; SIGINT stops it. The store is
+    trained before the head starts: training takes every core, and a head starved for a
+    minute can miss its health checks."""
     folder = tmp_path_factory.mktemp("served")
     config = folder / "app.json"
     config.write_text(json.dumps(APP_CONFIG))

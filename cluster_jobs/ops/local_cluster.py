@@ -213,7 +213,20 @@ def connect(**init: Any) -> bool:
     import ray
 
     if address is not None:
-        ray.init(address=address, **init)
+        try:
+            ray.init(address=address, **init)
+        except ConnectionError as e:
+            # The GCS answered (driver_target asked it), so what failed is finding a live
+            # node of it on this machine: a driver runs on a node of its cluster.
+            info = load_info()
+            logs = ""
+            if info is not None and info.gcs_address == address and info.temp_dir:
+                logs = f"; the head's logs: {info.temp_dir}/session_latest/logs"
+            raise DDMError(
+                f"the Ray GCS at {address} answers but this machine runs no live node of "
+                f"it ({e.__cause__ or e}): run this on a node of that cluster, or restart "
+                f"the head (`ddm cluster down && ddm cluster up`){logs}"
+            ) from e
         return False
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **init)
     return True
