@@ -222,7 +222,9 @@ def head_log_tails(env: dict, lines: int = 15) -> str:
     if not cluster.is_file():
         return ""
     temp_dir = json.loads(cluster.read_text()).get("temp_dir")
-    logs = Path(temp_dir or "/nonexistent") / "session_latest" / "logs"
+    if not temp_dir:
+        return ""
+    logs = Path(temp_dir) / "session_latest" / "logs"
     tails = []
     for name in ("raylet.out", "gcs_server.out"):
         if (logs / name).is_file():

@@ -73,8 +73,7 @@ def _cluster_info(env: dict) -> dict:
 @pytest.fixture(scope="module")
 def served(store, ray_head, tmp_path_factory):
     """`ddm serve` in the foreground as a user runs it; SIGINT stops it. The store is
-    trained before the head starts: training takes every core, and a head starved for a
-    minute can miss its health checks."""
+    trained before the head starts, so the head never shares the cores with training."""
     folder = tmp_path_factory.mktemp("served")
     config = folder / "app.json"
     config.write_text(json.dumps(APP_CONFIG))

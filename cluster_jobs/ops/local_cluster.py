@@ -216,15 +216,15 @@ def connect(**init: Any) -> bool:
         try:
             ray.init(address=address, **init)
         except ConnectionError as e:
-            # The GCS answered (driver_target asked it), so what failed is finding a live
-            # node of it on this machine: a driver runs on a node of its cluster.
+            # The GCS answered (driver_target asked it): what failed is joining it, most
+            # often because no live node of it runs here, and a driver runs on a node.
             info = load_info()
             logs = ""
             if info is not None and info.gcs_address == address and info.temp_dir:
                 logs = f"; the head's logs: {info.temp_dir}/session_latest/logs"
             raise DDMError(
-                f"the Ray GCS at {address} answers but this machine runs no live node of "
-                f"it ({e.__cause__ or e}): run this on a node of that cluster, or restart "
+                f"the Ray GCS at {address} answers but this process could not join it "
+                f"({e.__cause__ or e}): run this on a live node of that cluster, or restart "
                 f"the head (`ddm cluster down && ddm cluster up`){logs}"
             ) from e
         return False
