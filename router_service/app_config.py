@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ddm_nodes.names import expert_name
 from router_service.policies import get_policy
 from router_service.schemas import DEFAULT_ALLOWED_HOSTS, Limits
+from router_service.step_batcher import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_S
 
 # a DNS name, an IPv4 address or a bracketed or bare IPv6 address, optionally with :port
 _HOST = re.compile(
@@ -84,6 +85,16 @@ class AppArgs(BaseModel):
         64, ge=1, description="concurrent calls a replica accepts (batching needs several)"
     )
     default_strategy: str = Field("top-2", description="strategy when a request names none")
+    step_window_s: float = Field(
+        DEFAULT_WINDOW_S,
+        ge=0,
+        le=1,
+        description="how long the router's step batcher waits for in-flight requests' "
+        "evaluations to join a tick (it starts at once when every request is waiting)",
+    )
+    step_max_rows: int = Field(
+        DEFAULT_MAX_ROWS, ge=1, le=65536, description="most samples in one step-batcher tick"
+    )
     limits: Limits = Field(default_factory=Limits)
     max_concurrent_requests: int = Field(8, ge=1, description="requests sampling at once")
     max_queued_requests: int = Field(32, ge=0, description="requests waiting; beyond: 503")

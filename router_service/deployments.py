@@ -147,6 +147,8 @@ class RouterServer:
                 decoder=None if decoder is None else RemoteDecoder(decoder, cfg.expert_timeout_s),
                 allowed_hosts=cfg.allowed_hosts,
                 request_ids_from_proxy=True,  # Serve's proxy ids every request and response
+                step_window_s=cfg.step_window_s,
+                step_max_rows=cfg.step_max_rows,
             )
         )
 

@@ -13,7 +13,8 @@ temperatures), since each distinct value is a new series and requests choose the
 Router (`RouterMetrics`): requests by route, strategy and status; request latency; per
 evaluation latency; expert calls and their latency by expert and outcome; samples routed
 to each expert by step bucket; selected-expert disagreement; errors by kind; degraded
-requests by missing expert; requests in flight and queued.
+requests by missing expert; requests in flight and queued; per step-batcher tick, the
+evaluations (requests) it gathered and the rows of each expert call it made.
 Expert replicas (`ExpertMetrics`): samples and requests per `@serve.batch` forward, and
 the forward's latency.
 """
@@ -27,6 +28,7 @@ from typing import Any
 from ddm_nodes.names import expert_name
 from router_service.policies import strategy_label
 from router_service.sampler import EvaluationStats
+from router_service.step_batcher import TickStats
 
 LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 STEP_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
@@ -106,6 +108,17 @@ class RouterMetrics:
             "requests answered without an expert that had no live replica",
             tag_keys=("expert",),
         )
+        self.tick_evaluations = Histogram(
+            "ddm_serve_tick_evaluations",
+            "evaluations (one per request in flight) the step batcher gathered into one tick",
+            boundaries=SAMPLES,
+        )
+        self.call_rows = Histogram(
+            "ddm_serve_expert_call_rows",
+            "rows (samples, doubled under guidance) in one expert call of a tick",
+            boundaries=SAMPLES,
+            tag_keys=("expert",),
+        )
         self.in_flight = Gauge("ddm_serve_requests_in_flight", "requests being sampled")
         self.queued = Gauge("ddm_serve_requests_queued", "requests waiting for a sampling slot")
 
@@ -126,6 +139,11 @@ class RouterMetrics:
             self.expert_latency.observe(seconds, tags={"expert": expert_name(k)})
         if not math.isnan(stats.disagreement):
             self.disagreement.observe(stats.disagreement, tags={"strategy": strategy})
+
+    def tick(self, stats: TickStats) -> None:
+        self.tick_evaluations.observe(stats.evaluations)
+        for k, rows in stats.expert_rows.items():
+            self.call_rows.observe(rows, tags={"expert": expert_name(k)})
 
     def expert_call(self, k: int, outcome: str) -> None:
         self.expert_calls.inc(1, tags={"expert": expert_name(k), "outcome": outcome})

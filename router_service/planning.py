@@ -24,6 +24,7 @@ from router_service.sampler import (
     Experts,
     Models,
     SampleResult,
+    StepBatcher,
     initial_noise,
     sample_async,
     time_grid,
@@ -192,9 +193,11 @@ async def run(
     models: Models,
     on_evaluation: Callable[[EvaluationStats], None] | None = None,
     decoder: Decoder | None = None,
+    batcher: StepBatcher | None = None,
 ) -> SampleResult:
     """Sample a planned request with `experts` as the backend; `decoder` (default: the
-    models') turns a latent DDM's final states into images."""
+    models') turns a latent DDM's final states into images; `batcher` (the service's)
+    shares its ticks with the other requests in flight."""
     r = p.request
     labels = None if p.label is None else torch.full((r.n,), p.label, dtype=torch.long)
     return await sample_async(
@@ -210,4 +213,5 @@ async def run(
         on_unavailable=r.on_unavailable,
         on_evaluation=on_evaluation,
         decoder=decoder or models.decoder,
+        batcher=batcher,
     )

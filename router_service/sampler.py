@@ -5,11 +5,15 @@ Every velocity evaluation at (x, t) runs the same five moves:
     route     router probabilities p(k | x, t) (or centroid distances, or oracle clusters)
               -> policy -> RoutingDecision (per sample: expert ids and weights summing to 1)
     group     samples by selected expert
-    dispatch  ONE `experts.predict` call per selected expert with its sub-batch, all calls
-              gathered concurrently; an expert no sample selected is not called
+    dispatch  ONE `experts.predict` call per selected expert, all calls gathered
+              concurrently; an expert no sample selected is not called
     scatter   each sub-batch's velocities back to its samples
     merge     v(x_n) = sum_k w_nk v_k(x_n), in ascending expert id
 
+The first four happen in a tick of the run's `StepBatcher` (step_batcher.py), which does
+them at once for the evaluations of every concurrent run that shares it (the Serve router's
+runs do): one router forward and one call per selected expert per tick, however many
+requests are in flight. In-process, a run has a batcher of its own.
 and the solver turns velocities into steps (see `euler` and `heun`): it receives the run's
 `RoutedVelocity`, which performs these moves and keeps the run's counters. Conditioning: with
 labels and guidance g != 1, each selected expert gets one call on the stacked batch
@@ -43,7 +47,6 @@ yet, so it routes `uniform`ly over all experts.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -52,54 +55,49 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from ddm_nodes import flow
-from ddm_nodes.dataset_manifest import NULL_LABEL, DatasetManifest
+from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
-from ddm_nodes.names import expert_name
 from router_service.disagreement import angular_deviation
-from router_service.policies import (
-    Policy,
-    RoutingDecision,
-    RoutingError,
-    get_policy,
+from router_service.policies import Policy, RoutingDecision, RoutingError, get_policy
+from router_service.step_batcher import (
+    DEFAULT_WINDOW_S,
+    Evaluation,
+    Experts,
+    ExpertUnavailable,
+    Features,
+    Router,
+    StepBatcher,
+    apply_guidance,
+    guidance_batch,
+    resolve,
 )
+
+__all__ = [  # the sampler's vocabulary, wherever it is defined
+    "DecoderUnavailable",
+    "EvaluationStats",
+    "Experts",
+    "ExpertUnavailable",
+    "Features",
+    "Models",
+    "Router",
+    "SampleResult",
+    "StepBatcher",
+    "apply_guidance",
+    "guidance_batch",
+    "initial_noise",
+    "sample",
+    "sample_async",
+    "time_grid",
+]
 
 Solver = Literal["euler", "heun"]
 OnUnavailable = Literal["fail", "renormalize"]
 # v(x, t, step): what a solver calls; `sample_async` passes a RoutedVelocity
 Velocity = Callable[[torch.Tensor, float, int], Awaitable[torch.Tensor]]
-# logits = router(x_t, t): (N, K), or an awaitable of them
-Router = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | Awaitable[torch.Tensor]]
-
-
-class ExpertUnavailable(DDMError):
-    """No live replica of an expert answered (the Serve backend raises it)."""
-
-    def __init__(self, expert_id: int, reason: str):
-        super().__init__(f"{expert_name(expert_id)} is unavailable: {reason}")
-        self.expert_id = expert_id
-        self.reason = reason
 
 
 class DecoderUnavailable(DDMError):
     """The VAE decoder of a latent DDM did not answer (the Serve backend raises it)."""
-
-
-class Experts(Protocol):
-    """What the sampler needs from a set of experts, local or remote."""
-
-    @property
-    def num_experts(self) -> int: ...
-
-    def predict(
-        self, expert_id: int, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
-    ) -> torch.Tensor | Awaitable[torch.Tensor]: ...
-
-
-class Features(Protocol):
-    """A feature space with the K cluster centroids: nearest-centroid's input."""
-
-    def distances(self, images: torch.Tensor) -> torch.Tensor: ...  # (N, C, H, W) -> (N, K)
 
 
 class Decoder(Protocol):
@@ -216,8 +214,16 @@ class EvaluationStats:
     t: float
     routed: list[int]  # samples sent to each expert id (length K)
     disagreement: float  # mean angular deviation (degrees) over samples with >= 2 experts; NaN
-    seconds: float  # the whole evaluation: route, dispatch, merge
+    seconds: float  # the whole evaluation: waiting for its tick, route, dispatch, merge
     expert_seconds: dict[int, float]  # each called expert's call latency as awaited here
+    waited: float = 0.0  # of `seconds`, the wait for its tick to start (step_batcher.py)
+    tick: int = 0  # the batcher's tick that answered it
+
+    @property
+    def router_seconds(self) -> float:
+        """The router's own share: the evaluation less its wait for the tick and the
+        longest expert call it awaited (routing, grouping, scatter, merge)."""
+        return self.seconds - self.waited - max(self.expert_seconds.values(), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -244,17 +250,13 @@ class SampleResult:
 # --- one routed velocity evaluation ------------------------------------------------------
 
 
-async def _resolve(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
 @dataclass
 class RoutedVelocity:
-    """v(x, t, step) of one run, the `velocity` every solver receives: route, group,
-    dispatch, scatter, merge (see the module docstring). Holds the run's counters."""
+    """v(x, t, step) of one run, the `velocity` every solver receives: submits the
+    evaluation to the run's StepBatcher (route, group, dispatch, scatter: step_batcher.py),
+    then merges and keeps the run's counters."""
 
-    experts: Experts
-    router: Router | None
+    batcher: StepBatcher
     policy: Policy
     features: Features | None
     clusters: torch.Tensor | None
@@ -281,33 +283,37 @@ class RoutedVelocity:
         n, K = x.shape[0], self.num_experts
         t = torch.full((n,), t_value, dtype=x.dtype, device=x.device)
         while True:  # once, or again after an expert was found missing ("renormalize")
-            probs, distances, decision = await self._route(x, t)
-            everyone = self.trace_all_experts
-            ids = list(range(K)) if everyone else decision.experts()
-            if self.missing & set(decision.experts()):
-                raise RoutingError(f"routing selected missing experts {sorted(self.missing)}")
-            rows = {k: decision.rows(k).to(x.device) for k in ids}
-            timed = await asyncio.gather(
-                *(self._timed(k, x, t, None if everyone else rows[k]) for k in ids),
-                return_exceptions=True,
+            routed = await self.batcher.evaluate(
+                Evaluation(
+                    x=x,
+                    t=t,
+                    policy=self.policy,
+                    num_experts=K,
+                    labels=self.labels,
+                    guidance=self.guidance,
+                    features=self.features,
+                    clusters=self.clusters,
+                    previous=self.previous,
+                    missing=frozenset(self.missing),
+                    want_probs=self.trace is not None,
+                    everyone=self.trace_all_experts,
+                )
             )
-            failed = [r for r in timed if isinstance(r, ExpertUnavailable)]
-            for r in timed:
-                if isinstance(r, BaseException) and not isinstance(r, ExpertUnavailable):
-                    raise r
-            if not failed:
+            for k in routed.ids:
+                self.calls[k] += 1
+            if not routed.failed:
                 break
-            self.missing.update(e.expert_id for e in failed)
+            self.missing.update(e.expert_id for e in routed.failed)
             if self.on_unavailable == "fail" or len(self.missing) >= K:
-                raise failed[0]
-        outputs = [v for v, _ in timed]
-
+                raise routed.failed[0]
+        decision, ids, rows = routed.decision, routed.ids, routed.rows
+        outputs = [routed.outputs[k] for k in ids]
         dense = decision.dense(K).to(x.device, x.dtype)  # (N, K)
         velocity = torch.zeros_like(x)
         chosen = []  # (rows, v) of the selected experts, for their disagreement
         for k, v in zip(ids, outputs, strict=True):  # ascending k: a fixed summation order
             r = rows[k]
-            if everyone:
+            if self.trace_all_experts:
                 v = v[r]  # traced experts that no sample selected add nothing
             chosen.append((r, v))
             w = dense[r, k].reshape(-1, *[1] * (x.ndim - 1))
@@ -326,17 +332,20 @@ class RoutedVelocity:
         self.deviation_count += seen.double()
         self.disagreement.append(float(defined.mean()) if len(defined) else math.nan)
         if self.on_evaluation is not None:
-            routed = [0] * K
+            routed_rows = [0] * K
             for k, (r, _) in zip(ids, chosen, strict=True):
-                routed[k] = len(r)
+                routed_rows[k] = len(r)
+            end = time.perf_counter()
             self.on_evaluation(
                 EvaluationStats(
                     step=step,
                     t=t_value,
-                    routed=routed,
+                    routed=routed_rows,
                     disagreement=self.disagreement[-1],
-                    seconds=time.perf_counter() - start,
-                    expert_seconds={k: s for k, (_, s) in zip(ids, timed, strict=True)},
+                    seconds=end - start,
+                    expert_seconds=dict(routed.expert_seconds),
+                    waited=routed.waited,
+                    tick=routed.tick,
                 )
             )
         if self.trace is not None:
@@ -347,74 +356,12 @@ class RoutedVelocity:
                     x_t=x,
                     decision=decision,
                     velocity=velocity,
-                    probs=probs,
-                    distances=distances,
-                    predictions=torch.stack(outputs) if everyone else None,
+                    probs=routed.probs,
+                    distances=routed.distances,
+                    predictions=torch.stack(outputs) if self.trace_all_experts else None,
                 )
             )
         return velocity
-
-    async def _route(self, x: torch.Tensor, t: torch.Tensor):
-        """(router probabilities, centroid distances, RoutingDecision) for this state."""
-        n, K = x.shape[0], self.num_experts
-        probs = distances = None
-        if self.router is not None and (self.policy.needs == "router" or self.trace is not None):
-            with torch.no_grad():
-                logits = self.router(x, t)
-            probs = torch.softmax((await _resolve(logits)).float(), dim=-1).cpu()
-        available = None
-        if self.missing:
-            available = torch.ones(K, dtype=torch.bool)
-            available[sorted(self.missing)] = False
-        if self.policy.needs == "features" and self.previous is None:
-            # no velocity yet, so no x̂_0 to embed
-            decision = get_policy("uniform").select(n, K, available=available)
-        else:
-            if self.policy.needs == "features":
-                x0_hat = flow.denoised(x, t, self.previous)
-                distances = self.features.distances(x0_hat).float().cpu()
-            clusters = None if self.clusters is None else self.clusters.cpu()
-            decision = self.policy.select(
-                n, K, probs=probs, distances=distances, clusters=clusters, available=available
-            )
-        return probs, distances, decision
-
-    async def _timed(
-        self, k: int, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None
-    ) -> tuple[torch.Tensor, float]:
-        start = time.perf_counter()
-        v = await self._predict(k, x, t, rows)
-        return v, time.perf_counter() - start
-
-    async def _predict(
-        self, k: int, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Expert k's velocity on the samples `rows` (all when None), guidance applied."""
-        if rows is not None:
-            x, t = x[rows], t[rows]
-        y = self.labels
-        if y is not None and rows is not None:
-            y = y[rows]
-        self.calls[k] += 1
-        if y is None or self.guidance == 1:
-            return await _resolve(self.experts.predict(k, x, t, y))
-        stacked = await _resolve(self.experts.predict(k, *guidance_batch(x, t, y)))
-        return apply_guidance(stacked, self.guidance)
-
-
-def guidance_batch(
-    x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One expert call for classifier-free guidance: the batch twice, with its labels and
-    with the null label (every caller that guides, so that all guide alike)."""
-    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_LABEL)])
-
-
-def apply_guidance(stacked: torch.Tensor, guidance: float) -> torch.Tensor:
-    """v_null + g (v_cond - v_null) from the answer to a `guidance_batch` call."""
-    n = stacked.shape[0] // 2
-    v_cond, v_null = stacked[:n], stacked[n:]
-    return v_null + guidance * (v_cond - v_null)
 
 
 # --- the sampler -------------------------------------------------------------------------
@@ -437,6 +384,7 @@ async def sample_async(
     on_unavailable: OnUnavailable = "fail",
     on_evaluation: Callable[[EvaluationStats], None] | None = None,
     decoder: Decoder | None = None,
+    batcher: StepBatcher | None = None,
 ) -> SampleResult:
     """Integrate dx/dt = v from x_T at time_grid[0] to time_grid[-1], routing every
     velocity evaluation through `policy`.
@@ -460,6 +408,9 @@ async def sample_async(
               "renormalize": that expert is left out from then on (see the module doc)
     on_evaluation   called with an EvaluationStats after every routed evaluation
     decoder   a latent DDM's VAE: the final states are decoded ONCE, into `images`
+    batcher   the StepBatcher this run's evaluations join, shared with concurrent runs
+              (the Serve router's); it must be over these `experts` and `router`. None: a
+              batcher of this run alone
     """
     if isinstance(policy, str):
         policy = get_policy(policy)
@@ -488,10 +439,13 @@ async def sample_async(
     if on_unavailable not in ("fail", "renormalize"):
         raise ValueError(f"on_unavailable must be 'fail' or 'renormalize', got {on_unavailable!r}")
     policy.check_experts(num_experts)
+    if batcher is None:
+        batcher = StepBatcher(experts, router, window_s=DEFAULT_WINDOW_S)
+    elif batcher.experts is not experts or batcher.router != router:  # == for bound methods
+        raise ValueError("the batcher routes other experts or another router than this run's")
 
     velocity = RoutedVelocity(
-        experts=experts,
-        router=router,
+        batcher=batcher,
         policy=policy,
         features=features,
         clusters=clusters,
@@ -503,9 +457,10 @@ async def sample_async(
         on_evaluation=on_evaluation,
         calls=[0] * num_experts,
     )
-    final = await SOLVERS[solver](velocity, x_T, grid)
+    async with batcher.joined():
+        final = await SOLVERS[solver](velocity, x_T, grid)
     return SampleResult(
-        decoded=None if decoder is None else await _resolve(decoder.decode(final)),
+        decoded=None if decoder is None else await resolve(decoder.decode(final)),
         final=final,
         expert_calls=velocity.calls,
         evaluations=len(velocity.selected),

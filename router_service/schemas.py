@@ -202,13 +202,20 @@ class Timing(BaseModel):
     total_s: float
     per_step_ms: float
     queued_s: float = Field(description="time spent waiting for a sampling slot")
-    evaluation_ms_p50: float = Field(description="one routed evaluation (route, fan out, merge)")
+    evaluation_ms_p50: float = Field(
+        description="one routed evaluation (waiting for its tick, route, fan out, merge)"
+    )
     evaluation_ms_p95: float
     router_ms_p50: float = Field(
-        description="an evaluation minus the longest expert call it awaited: routing, "
-        "grouping, merging in the router"
+        description="an evaluation minus its wait for a tick and the longest expert call it "
+        "awaited: routing, grouping, scatter and merging in the router"
     )
     router_ms_p95: float
+    tick_wait_ms_p50: float = Field(
+        0.0,
+        description="an evaluation's wait for its step batcher tick to start (while the "
+        "tick before it ran, or for other requests' evaluations to join it)",
+    )
 
 
 class SampleResponse(BaseModel):

@@ -45,6 +45,7 @@ from router_service.schemas import (
     Timing,
     Usage,
 )
+from router_service.step_batcher import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_S, StepBatcher
 from router_service.store_models import StoreModels
 
 SERVED_MODEL = "ddm"  # the one `model` name /v1/images/generations accepts
@@ -148,6 +149,8 @@ class SamplingService:
         decoder: Decoder | None = None,
         allowed_hosts: Sequence[str] = DEFAULT_ALLOWED_HOSTS,
         request_ids_from_proxy: bool = False,
+        step_window_s: float = DEFAULT_WINDOW_S,
+        step_max_rows: int = DEFAULT_MAX_ROWS,
     ):
         self.models = models
         self.decoder = decoder  # None: the models' own (in-process), if any
@@ -162,6 +165,15 @@ class SamplingService:
         # proxy gives each request its id (and the X-Request-ID response header)
         self.allowed_hosts = tuple(allowed_hosts)
         self.request_ids_from_proxy = request_ids_from_proxy
+        # every admitted request's evaluations go through one batcher: one router forward
+        # and one call per selected expert per tick, across requests
+        self.batcher = StepBatcher(
+            experts,
+            models.router,
+            window_s=step_window_s,
+            max_rows=step_max_rows,
+            on_tick=None if metrics is None else metrics.tick,
+        )
 
     async def _sample(self, request: SampleRequest, steps_field: str = "steps") -> Sampled:
         start = time.perf_counter()
@@ -187,7 +199,9 @@ class SamplingService:
             deadline = asyncio.timeout(timeout_s - (time.perf_counter() - start))
             try:
                 async with deadline:
-                    result = await planning.run(plan, self.experts, self.models, hook, self.decoder)
+                    result = await planning.run(
+                        plan, self.experts, self.models, hook, self.decoder, self.batcher
+                    )
             except TimeoutError:
                 if not deadline.expired():  # a TimeoutError of the backend's own
                     raise
@@ -198,10 +212,7 @@ class SamplingService:
         if result.missing_experts and self.metrics is not None:
             self.metrics.degraded_request(result.missing_experts)
         steps_ms = [1000 * e.seconds for e in evaluations]
-        # the router's own share of an evaluation: all but the longest expert call it awaited
-        router_ms = [
-            1000 * (e.seconds - max(e.expert_seconds.values(), default=0.0)) for e in evaluations
-        ]
+        router_ms = [1000 * e.router_seconds for e in evaluations]
         timing = Timing(
             total_s=round(total, 4),
             per_step_ms=round(1000 * (total - queued) / request.steps, 3),
@@ -210,6 +221,7 @@ class SamplingService:
             evaluation_ms_p95=_quantile(steps_ms, 0.95),
             router_ms_p50=_quantile(router_ms, 0.5),
             router_ms_p95=_quantile(router_ms, 0.95),
+            tick_wait_ms_p50=_quantile([1000 * e.waited for e in evaluations], 0.5),
         )
         return Sampled(plan, result, timing)
 

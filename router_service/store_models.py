@@ -224,6 +224,8 @@ class StoreModels:
         for card in cards or []:
             _expert_checkpoint(self.store, self.manifest, card.id, card)
         self.router_net: RouterNet | None = load_router(self.store, self.manifest, self.device)
+        # one callable for the models' life: a StepBatcher is bound to it
+        self._router = None if self.router_net is None else RouterFn(self.router_net, self.device)
         # the clustering's space, on images (the analysis embeds real images in it)
         self.feature_space = FeatureSpace.load(self.store, self.manifest, self.device)
         self.codec = (
@@ -267,4 +269,4 @@ class StoreModels:
     @property
     def router(self) -> RouterFn | None:
         """logits = router(x_t, t), (N, K), or None when the store has no router."""
-        return None if self.router_net is None else RouterFn(self.router_net, self.device)
+        return self._router
