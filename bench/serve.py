@@ -1,8 +1,9 @@
 """Benchmark the Serve router service against the in-process engine, in one run on one
 machine: images/s for top-2 and full at 50 Euler steps, at concurrency 1 and 8, the
-per-step router overhead, and the mean `@serve.batch` size. Prints JSON.
+per-step router overhead, the mean rows per expert call of the router's step batcher and
+the mean `@serve.batch` size. Prints JSON.
 
-    python bench/serve.py [--store STORE] [--n 8] [--steps 50] [--requests 2]
+    python bench/serve.py [--store STORE] [--n 8] [--steps 50] [--requests 2] [--device cuda]
 
 Without --store it builds fashion-mnist K=8 with 8 dit-tiny experts and a router trained
 a few steps (speed does not depend on how well they are trained), as bench/sample.py does.
@@ -15,7 +16,10 @@ separately; the best it can do). Router overhead per step, two ways: a served re
 per-step time at concurrency 1 minus the in-process per-step time of the same batch
 (everything serving adds: HTTP, handles, transport, batching waits), and the router's own
 time per evaluation (the evaluation minus the longest expert call it awaited: routing,
-grouping, merging), p50/p95 over evaluations, median over requests.
+grouping, merging), p50/p95 over evaluations, median over requests. Rows per expert call:
+the samples (doubled under guidance) the router's step batcher put into each expert call,
+over every request in flight; evaluations per tick: how many requests' evaluations a tick
+gathered.
 """
 
 from __future__ import annotations
@@ -67,17 +71,30 @@ def build_store(train_steps: int) -> str:
     return store
 
 
-def batch_stats(metrics_url: str) -> tuple[float, float]:
-    """(sum, count) of ray_ddm_serve_batch_samples over every expert replica."""
+HISTOGRAMS = ("batch_samples", "expert_call_rows", "tick_evaluations")
+
+
+def histogram_sums(metrics_url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each ray_ddm_serve_<HISTOGRAMS> over every replica and expert."""
     text = httpx.get(metrics_url, timeout=10).text
-    total = count = 0.0
-    for line in text.splitlines():
-        if m := re.match(r"ray_ddm_serve_batch_samples_(sum|count)\{.*\} ([0-9.e+]+)", line):
-            if m.group(1) == "sum":
-                total += float(m.group(2))
-            else:
-                count += float(m.group(2))
-    return total, count
+    out = {}
+    for name in HISTOGRAMS:
+        total = count = 0.0
+        pattern = rf"ray_ddm_serve_{name}_(sum|count)(\{{.*\}})? ([0-9.e+]+)"
+        for line in text.splitlines():
+            if m := re.match(pattern, line):
+                if m.group(1) == "sum":
+                    total += float(m.group(3))
+                else:
+                    count += float(m.group(3))
+        out[name] = (total, count)
+    return out
+
+
+def mean_between(before: dict, after: dict, name: str) -> float | None:
+    total = after[name][0] - before[name][0]
+    count = after[name][1] - before[name][1]
+    return round(total / count, 2) if count else None
 
 
 def served_run(url: str, strategy: str, clients: int, requests: int, n: int, steps: int):
@@ -107,6 +124,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--strategies", default="top-2,full")
     ap.add_argument("--batch-wait", type=float, default=None, help="batch_wait_timeout_s")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where experts run")
     args = ap.parse_args()
 
     from cluster_jobs.analysis.sampling import run_sample
@@ -115,7 +133,7 @@ def main() -> None:
 
     store = args.store or build_store(args.train_steps)
     torch.set_num_threads(os.cpu_count() or 1)
-    experts = LocalExperts(store)
+    experts = LocalExperts(store, device=args.device)
     run_sample(experts, "top-1", n=4, steps=2)  # warm-up
 
     cluster_dir = tempfile.mkdtemp(prefix="ddm-bench-cluster-")
@@ -128,7 +146,7 @@ def main() -> None:
     subprocess.run(up, env=env, check=True, capture_output=True)
     log = open(os.path.join(cluster_dir, "serve.log"), "w")
     serve_cmd = [str(BIN / "ddm"), "serve", "--store", store, "--port", str(http_port)]
-    serve_cmd.append("--no-access-log")
+    serve_cmd += ["--no-access-log", "--device", args.device]
     if args.batch_wait is not None:
         config = Path(cluster_dir) / "app.json"
         config.write_text(json.dumps({"batch_wait_timeout_s": args.batch_wait}))
@@ -159,20 +177,19 @@ def main() -> None:
                 ]
                 local_rate = images / sum(r.seconds for r in local)
                 time.sleep(12)  # Ray exports worker metrics every few seconds
-                before = batch_stats(metrics_url)
+                before = histogram_sums(metrics_url)
                 rate, timings = served_run(
                     url, strategy, clients, args.requests, args.n, args.steps
                 )
                 time.sleep(12)
-                after = batch_stats(metrics_url)
-                forwards = after[1] - before[1]
+                after = histogram_sums(metrics_url)
                 row[f"c{clients}"] = {
                     "served_images_per_s": round(rate, 2),
                     "in_process_images_per_s": round(local_rate, 2),
                     "ratio": round(rate / local_rate, 3),
-                    "mean_batch_samples": round((after[0] - before[0]) / forwards, 2)
-                    if forwards
-                    else None,
+                    "mean_rows_per_expert_call": mean_between(before, after, "expert_call_rows"),
+                    "mean_evaluations_per_tick": mean_between(before, after, "tick_evaluations"),
+                    "mean_batch_samples": mean_between(before, after, "batch_samples"),
                     "served_step_ms_p50": round(
                         statistics.median(t["per_step_ms"] for t in timings), 2
                     ),
@@ -213,7 +230,9 @@ def main() -> None:
                 "batch_wait_timeout_s": args.batch_wait or BatchConfig().batch_wait_timeout_s,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                 "strategies": rows,
-                "target": "served >= 0.7x in-process at concurrency 8",
+                "device": args.device,
+                "target": "served >= 0.9x in-process at concurrency 8 (top-2 and full); "
+                "router_ms_p50 <= 10 at concurrency 1",
             },
             indent=2,
         )

@@ -2,8 +2,10 @@
 
 An expert folder is a diffusers `save_pretrained` folder (`config.json` +
 `diffusion_pytorch_model.safetensors`) that anyone can `from_pretrained`. The wrapper adds
-what diffusers leaves to the caller: our time convention (t in [0, 1], see flow.py), and
-the null label for classifier-free guidance.
+what diffusers leaves to the caller: our time convention (t in [0, 1], see flow.py), the
+null label for classifier-free guidance, and the conversion of the network's prediction
+type (v, ε or x_0: `ExpertSpec.prediction`) to the velocity every caller receives. One DDM
+may mix architectures (UNet, DiT) and prediction types.
 
 Conditioning: with labels, a label embedding is added to the timestep embedding (UNet:
 `num_class_embeds`; DiT: its AdaLN-Zero label embedding). The null label is one extra
@@ -18,6 +20,7 @@ from diffusers import DiTTransformer2DModel, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from pydantic import BaseModel, ConfigDict, Field
 
+from ddm_nodes import flow
 from ddm_nodes.dataset_manifest import NULL_LABEL
 from ddm_nodes.errors import DDMError
 from ddm_nodes.presets import get_preset
@@ -35,10 +38,18 @@ class ExpertSpec(BaseModel):
     image_size: int = Field(ge=4)
     channels: int = Field(ge=1)
     num_classes: int = Field(0, ge=0, description="0: unconditional")
+    prediction: flow.Prediction = Field(
+        "v", description="what the network predicts: v (velocity), eps (noise) or x0 (data)"
+    )
 
     @property
     def conditional(self) -> bool:
         return self.num_classes > 0
+
+    @property
+    def arch(self) -> str:
+        """The architecture family of its preset: unet or dit."""
+        return get_preset(self.preset).arch
 
 
 def build_denoiser(spec: ExpertSpec) -> UNet2DModel | DiTTransformer2DModel:
@@ -79,7 +90,8 @@ def build_denoiser(spec: ExpertSpec) -> UNet2DModel | DiTTransformer2DModel:
 
 
 class Expert(torch.nn.Module):
-    """v = expert(x_t, t, y): velocity under flow.py's convention, any diffusers denoiser."""
+    """v = expert(x_t, t, y): velocity under flow.py's convention, any diffusers denoiser
+    of any prediction type."""
 
     def __init__(self, denoiser: UNet2DModel | DiTTransformer2DModel, spec: ExpertSpec):
         super().__init__()
@@ -100,9 +112,20 @@ class Expert(torch.nn.Module):
         return max(self.spec.num_classes, 1) if self.is_dit else self.spec.num_classes
 
     def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        native: bool = False,
     ) -> torch.Tensor:
-        """x_t (N, C, H, W), t (N,) in [0, 1], y (N,) class ids or NULL_LABEL -> v (N, C, H, W)."""
+        """x_t (N, C, H, W), t (N,) in [0, 1], y (N,) class ids or NULL_LABEL -> v (N, C, H, W);
+        `native`: the network's own prediction (ε or x_0 for those types), for training."""
+        out = self._network(x_t, t, y)
+        if native:
+            return out
+        return flow.to_velocity(out, x_t, t.reshape(-1).expand(x_t.shape[0]), self.spec.prediction)
+
+    def _network(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         n = x_t.shape[0]
         timestep = (t.reshape(-1).expand(n) * TIME_SCALE).to(x_t.device, torch.float32)
         labels = None

@@ -255,6 +255,10 @@ class ExpertStatus(BaseModel):
     cluster: int
     sha256: str
     preset: str
+    arch: str = Field(description="its architecture family: unet or dit")
+    prediction: str = Field(
+        description="what its network predicts (v, eps or x0); the router merges velocities"
+    )
     replicas: int = Field(description="replicas running now")
     healthy: bool
 

@@ -305,6 +305,8 @@ class SamplingService:
                     cluster=card.cluster,
                     sha256=card.sha256,
                     preset=card.preset,
+                    arch=card.arch,
+                    prediction=card.prediction,
                     replicas=replicas,
                     healthy=healthy,
                 )

@@ -60,6 +60,8 @@ class ExpertCard(BaseModel):
     sha256: str  # of the checkpoint manifest, which pins every file's sha256
     folder: str  # the version folder that manifest is in
     preset: str
+    arch: str  # unet or dit
+    prediction: str  # what its network predicts: v, eps or x0 (served as velocity)
     conditional: bool
     step: int
 
@@ -160,6 +162,8 @@ def expert_card(store: Store, manifest: DatasetManifest, k: int) -> ExpertCard:
         sha256=ckpt.manifest_sha256,
         folder=ckpt.folder,
         preset=spec.preset,
+        arch=spec.arch,
+        prediction=spec.prediction,
         conditional=spec.conditional,
         step=ckpt.manifest.step,
     )

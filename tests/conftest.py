@@ -262,9 +262,20 @@ def ddm_serving(store: str | Path, env: dict, folder: Path, *args: str) -> Itera
             proc.kill()
 
 
-def build_tiny_ddm(root: str | Path, clusters: int, image_size: int, router_lr=1e-3) -> str:
+# one ε-prediction DiT and velocity UNets: a heterogeneous DDM (ExpertSpec.prediction)
+HETEROGENEOUS = (("dit-tiny", "eps"), ("unet-tiny", "v"), ("unet-tiny", "v"), ("unet-tiny", "v"))
+
+
+def build_tiny_ddm(
+    root: str | Path,
+    clusters: int,
+    image_size: int,
+    router_lr=1e-3,
+    experts: tuple[tuple[str, str], ...] | None = None,
+) -> str:
     """A real, tiny DDM store: digits in `clusters` clusters at image_size x image_size, one
-    dit-tiny expert per cluster and a router-tiny router, each trained 3 steps."""
+    expert per cluster (dit-tiny velocity experts, or `experts`' (preset, prediction) per
+    cluster) and a router-tiny router, each trained 3 steps."""
     from cluster_jobs.data.prepare import PrepareConfig, prepare
     from cluster_jobs.training.config import TrainConfig
     from cluster_jobs.training.worker import train_local
@@ -276,8 +287,12 @@ def build_tiny_ddm(root: str | Path, clusters: int, image_size: int, router_lr=1
         )
     )
     common = dict(store=root, steps=3, batch_size=8, checkpoint_every=3, cpus_per_worker=1)
-    for k in range(clusters):
-        train_local(TrainConfig(kind="expert", cluster=k, preset="dit-tiny", **common))
+    kinds = experts or (("dit-tiny", "v"),) * clusters
+    assert len(kinds) == clusters, "one (preset, prediction) per cluster"
+    for k, (preset, prediction) in enumerate(kinds):
+        train_local(
+            TrainConfig(kind="expert", cluster=k, preset=preset, prediction=prediction, **common)
+        )
     lr = {} if router_lr is None else {"lr": router_lr}
     train_local(TrainConfig(kind="router", preset="router-tiny", **lr, **common))
     return root

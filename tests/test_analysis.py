@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_tiny_ddm, run_ddm_in_process
+from conftest import HETEROGENEOUS, build_tiny_ddm, run_ddm_in_process
 
 from cluster_jobs.analysis import alignment, quality, stability
 from cluster_jobs.training.config import TrainConfig
@@ -367,7 +367,8 @@ def test_resampled_fid_equals_fid_of_the_resampled_rows():
 
 @pytest.fixture(scope="module")
 def analysed_store(tmp_path_factory) -> str:
-    root = build_tiny_ddm(tmp_path_factory.mktemp("analyze") / "store", 3, 8)
+    # a heterogeneous DDM: the analysis sees velocities whatever each expert predicts
+    root = build_tiny_ddm(tmp_path_factory.mktemp("analyze") / "store", 4, 8, experts=HETEROGENEOUS)
     common = dict(store=root, steps=20, batch_size=32, checkpoint_every=20, cpus_per_worker=1)
     train_local(TrainConfig(kind="featnet", preset="router-tiny", lr=1e-3, **common))
     train_local(TrainConfig(kind="monolith", preset="dit-tiny", **{**common, "steps": 3}))

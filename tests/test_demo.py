@@ -42,8 +42,8 @@ def demo(tmp_path_factory):
     exe = Path(sys.executable).with_name("ddm")
     args = [
         str(exe), "demo", "--out", str(out), "--dataset", "digits", "--clusters", "2",
-        "--preset", "dit-tiny", "--image-size", "8", "--expert-steps", "300",
-        "--router-steps", "300", "--warmup-steps", "7", "--n", "4", "--sample-steps", "4",
+        "--preset", "dit-tiny", "--image-size", "8", "--expert-steps", "150",
+        "--router-steps", "150", "--warmup-steps", "7", "--n", "4", "--sample-steps", "4",
         "--keep",
     ]  # fmt: skip
     log = open(out / "demo.log", "w")
@@ -76,7 +76,7 @@ def test_demo_writes_samples_and_a_report(demo):
     results = json.loads((out / "analysis" / "results.json").read_text())
     assert set(results["strategies"]) == {"full", "top-1", "top-2"}
     # what the demo's jobs ran with (training.json) is what the demo asked for
-    demo = DemoConfig(preset="dit-tiny", expert_steps=300, router_steps=300, warmup_steps=7)
+    demo = DemoConfig(preset="dit-tiny", expert_steps=150, router_steps=150, warmup_steps=7)
     for prefix, asked in (
         ("experts/expert-000", demo.expert_options()),
         ("experts/expert-001", demo.expert_options()),

@@ -7,6 +7,7 @@ import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
+from ddm_nodes import flow
 from ddm_nodes.dataset_manifest import NULL_LABEL
 from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import TIME_SCALE, Expert, ExpertSpec, build_denoiser
@@ -282,3 +283,19 @@ def test_time_matters():
         early = e(x, torch.full((2,), 0.1))
         late = e(x, torch.full((2,), 0.9))
     assert (early - late).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_an_expert_of_another_prediction_type_answers_velocity(prediction):
+    """forward() is the native output converted by flow.to_velocity; native=True is what
+    training regresses."""
+    spec = ExpertSpec(preset="dit-tiny", image_size=8, channels=1, prediction=prediction)
+    expert = Expert.create(spec).eval()
+    assert spec.arch == "dit"
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.9, 0.5, 0.1])
+    with torch.no_grad():
+        native = expert(x, t, native=True)
+        v = expert(x, t)
+    torch.testing.assert_close(v, flow.to_velocity(native, x, t, prediction))
+    assert not torch.allclose(v, native)

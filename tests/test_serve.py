@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import (
+    HETEROGENEOUS,
     build_tiny_ddm,
     ddm_serving,
     free_port,
@@ -48,7 +49,7 @@ from ddm_nodes.store import open_store
 from router_service.local_experts import LocalExperts
 
 pytestmark = pytest.mark.integration
-K, SIZE = 3, 8
+K, SIZE = 4, 8  # a heterogeneous DDM: one ε-prediction DiT and three velocity UNets
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 APP_CONFIG = {
@@ -63,7 +64,9 @@ APP_CONFIG = {
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    return build_tiny_ddm(tmp_path_factory.mktemp("serve") / "store", K, SIZE)
+    return build_tiny_ddm(
+        tmp_path_factory.mktemp("serve") / "store", K, SIZE, experts=HETEROGENEOUS
+    )
 
 
 def _cluster_info(env: dict) -> dict:
@@ -296,7 +299,7 @@ def test_http_api_through_serve(served):
     assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
     bad = _post(served, {"n": 1, "steps": 2, "strategy": "top-7"})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "strategy"
-    assert "1 <= K <= 3" in bad.json()["error"]["message"]
+    assert f"1 <= K <= {K}" in bad.json()["error"]["message"]
     png = _post(served, {"n": 2, "steps": 3, "strategy": "top-1", "seed": 1})
     assert png.status_code == 200, png.text
     assert [base64.b64decode(i)[:4] for i in png.json()["images"]] == [b"\x89PNG"] * 2
@@ -310,6 +313,14 @@ def test_http_api_through_serve(served):
         ("expert-000", 2, True),
         ("expert-001", 1, True),
         ("expert-002", 1, True),
+        ("expert-003", 1, True),
+    ]
+    # the heterogeneous DDM as the router sees it: what each network predicts and is
+    assert [(e["arch"], e["prediction"]) for e in experts] == [
+        ("dit", "eps"),
+        ("unet", "v"),
+        ("unet", "v"),
+        ("unet", "v"),
     ]
 
 

@@ -159,7 +159,7 @@ def test_killed_job_resumes_from_its_checkpoint(ray_head, store, ddm):
         "--clusters",
         "2",
         "--steps",
-        "600",
+        "300",
         "--checkpoint-every",
         "25",
         *TINY,
@@ -202,12 +202,12 @@ def test_killed_job_resumes_from_its_checkpoint(ray_head, store, ddm):
     ]
     assert resumed and resumed[0] >= at_stop >= step_b and resumed[0] % 25 == 0
     final = read_manifest(open_store(store), expert_prefix(2))
-    assert final.final and final.step == 600
-    assert final.images_seen == 600 * 16  # resumed counts, not restarted ones
+    assert final.final and final.step == 300
+    assert final.images_seen == 300 * 16  # resumed counts, not restarted ones
 
 
 def test_training_lowers_the_heldout_loss(ray_head, store):
-    """After the resume test's 600 steps, expert 2 beats its own step-0 initialisation."""
+    """After the resume test's 300 steps, expert 2 beats its own step-0 initialisation."""
     s = open_store(store)
     manifest = DatasetManifest.load(s)
     cfg = TrainConfig(kind="expert", store=store, cluster=2, preset="dit-tiny", batch_size=16)

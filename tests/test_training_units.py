@@ -197,6 +197,7 @@ NON_DEFAULT = dict(
     ema_decay=0.99,
     label_dropout=0.25,
     unconditional=True,
+    prediction="eps",
     workers=2,
     cpus_per_worker=0.5,
     loader_workers=3,
@@ -404,8 +405,32 @@ def test_flow_task_spec_comes_from_the_data(prepared):
         "image_size": SIZE,
         "channels": 1,
         "num_classes": 10,
+        "prediction": "v",
     }
     assert FlowTask(_cfg(store, unconditional=True), manifest).spec.num_classes == 0
+    assert FlowTask(_cfg(store, prediction="eps"), manifest).spec.prediction == "eps"
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps", "x0"])
+def test_flow_task_regresses_the_target_of_its_prediction_type(prepared, prediction):
+    """The loss is the network's own output against its type's target (ε, x_0 or v), not
+    the converted velocity against v."""
+    store, manifest = prepared
+    task = FlowTask(_cfg(store, preset="dit-tiny", prediction=prediction), manifest)
+    model = task.build()
+    x0 = torch.rand(4, 1, SIZE, SIZE) * 2 - 1
+    batch = {"image": x0, "label": torch.zeros(4, dtype=torch.long)}
+    loss = task.loss(model, batch, torch.Generator().manual_seed(5))
+    # the same draws the task makes: labels dropped, then t, then the noise
+    g = torch.Generator().manual_seed(5)
+    drop = torch.rand(4, generator=g) < task.cfg.label_dropout
+    y = torch.where(drop, NULL_LABEL, batch["label"])
+    t = flow.logit_normal_t(4, generator=g)
+    path = flow.interpolate(x0, torch.randn(x0.shape, generator=g), t)
+    with torch.no_grad():
+        out = model(path.x_t, t, y, native=True)
+    expected = (out - flow.target(path, prediction)).pow(2).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cluster", range(K))

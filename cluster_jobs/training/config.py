@@ -96,6 +96,12 @@ class TrainConfig(BaseModel):
         description="ignore labels even when the data has them",
         json_schema_extra=_kinds(*FLOW_KINDS),
     )
+    prediction: Literal["v", "eps", "x0"] = Field(
+        "v",
+        description="what the denoiser predicts: v (velocity, flow matching), eps (the noise, "
+        "DDPM-style) or x0 (the data); sampling converts every type to velocity",
+        json_schema_extra=_kinds(*FLOW_KINDS),
+    )
     workers: int = Field(1, ge=1, le=1024, description="data-parallel workers in this job")
     cpus_per_worker: float = Field(
         1.0,

@@ -47,7 +47,8 @@ def input_field(kind: str, manifest: DatasetManifest) -> str:
 
 
 class FlowTask:
-    """Flow matching: regress the velocity ε - x_0 at a logit-normal t."""
+    """Flow matching at a logit-normal t: regress the velocity ε - x_0, or the noise ε or
+    the data x_0 for an expert of another prediction type (converted when it samples)."""
 
     def __init__(self, cfg: TrainConfig, manifest: DatasetManifest):
         self.field = input_field(cfg.kind, manifest)
@@ -56,7 +57,13 @@ class FlowTask:
             raise DDMError(f"experts need square inputs, the store has {h}x{w}")
         get_preset(cfg.preset)
         classes = 0 if cfg.unconditional or not manifest.labelled else len(manifest.class_names)
-        self.spec = ExpertSpec(preset=cfg.preset, image_size=h, channels=c, num_classes=classes)
+        self.spec = ExpertSpec(
+            preset=cfg.preset,
+            image_size=h,
+            channels=c,
+            num_classes=classes,
+            prediction=cfg.prediction,
+        )
         self.cfg = cfg
 
     def build(self) -> torch.nn.Module:
@@ -77,8 +84,9 @@ class FlowTask:
         noise = torch.randn(x0.shape, generator=gen)
         path = flow.interpolate(x0, noise, t)
         dev = _device_of(model)
-        pred = model(path.x_t.to(dev), t.to(dev), y.to(dev))
-        return flow.loss(pred, _to(path, dev))
+        # the network's own output against its type's target: ε, x_0 or v (flow.py)
+        pred = model(path.x_t.to(dev), t.to(dev), y.to(dev), native=True)
+        return flow.loss(pred, path.to(dev), self.spec.prediction)
 
     def spec_json(self) -> dict[str, Any]:
         return self.spec.model_dump()
@@ -269,10 +277,6 @@ def make_task(cfg: TrainConfig, manifest: DatasetManifest) -> FlowTask | RouterT
 
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _to(path: flow.PathSample, dev: torch.device) -> flow.PathSample:
-    return flow.PathSample(path.t.to(dev), path.x_t.to(dev), path.velocity.to(dev))
 
 
 # --- data -----------------------------------------------------------------------------
