@@ -71,30 +71,31 @@ def build_store(train_steps: int) -> str:
     return store
 
 
-HISTOGRAMS = ("batch_samples", "expert_call_rows", "tick_evaluations")
+# exact counters (Ray rebuilds a histogram's _sum from bucket midpoints)
+COUNTERS = (
+    "ticks",
+    "tick_gathered_evaluations",
+    "tick_expert_calls",
+    "tick_expert_rows",
+    "batch_forwards",
+    "batch_forward_samples",
+)
 
 
-def histogram_sums(metrics_url: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each ray_ddm_serve_<HISTOGRAMS> over every replica and expert."""
+def counters(metrics_url: str) -> dict[str, float]:
+    """ray_ddm_serve_<COUNTERS>_total summed over every replica and expert."""
     text = httpx.get(metrics_url, timeout=10).text
-    out = {}
-    for name in HISTOGRAMS:
-        total = count = 0.0
-        pattern = rf"ray_ddm_serve_{name}_(sum|count)(\{{.*\}})? ([0-9.e+]+)"
-        for line in text.splitlines():
-            if m := re.match(pattern, line):
-                if m.group(1) == "sum":
-                    total += float(m.group(3))
-                else:
-                    count += float(m.group(3))
-        out[name] = (total, count)
+    out = dict.fromkeys(COUNTERS, 0.0)
+    for line in text.splitlines():
+        if m := re.match(r"ray_ddm_serve_([a-z_]+)_total(\{.*\})? ([0-9.e+]+)", line):
+            if m.group(1) in out:
+                out[m.group(1)] += float(m.group(3))
     return out
 
 
-def mean_between(before: dict, after: dict, name: str) -> float | None:
-    total = after[name][0] - before[name][0]
-    count = after[name][1] - before[name][1]
-    return round(total / count, 2) if count else None
+def ratio_between(before: dict, after: dict, num: str, den: str) -> float | None:
+    count = after[den] - before[den]
+    return round((after[num] - before[num]) / count, 2) if count else None
 
 
 def served_run(url: str, strategy: str, clients: int, requests: int, n: int, steps: int):
@@ -177,19 +178,25 @@ def main() -> None:
                 ]
                 local_rate = images / sum(r.seconds for r in local)
                 time.sleep(12)  # Ray exports worker metrics every few seconds
-                before = histogram_sums(metrics_url)
+                before = counters(metrics_url)
                 rate, timings = served_run(
                     url, strategy, clients, args.requests, args.n, args.steps
                 )
                 time.sleep(12)
-                after = histogram_sums(metrics_url)
+                after = counters(metrics_url)
                 row[f"c{clients}"] = {
                     "served_images_per_s": round(rate, 2),
                     "in_process_images_per_s": round(local_rate, 2),
                     "ratio": round(rate / local_rate, 3),
-                    "mean_rows_per_expert_call": mean_between(before, after, "expert_call_rows"),
-                    "mean_evaluations_per_tick": mean_between(before, after, "tick_evaluations"),
-                    "mean_batch_samples": mean_between(before, after, "batch_samples"),
+                    "mean_rows_per_expert_call": ratio_between(
+                        before, after, "tick_expert_rows", "tick_expert_calls"
+                    ),
+                    "mean_evaluations_per_tick": ratio_between(
+                        before, after, "tick_gathered_evaluations", "ticks"
+                    ),
+                    "mean_batch_samples": ratio_between(
+                        before, after, "batch_forward_samples", "batch_forwards"
+                    ),
                     "served_step_ms_p50": round(
                         statistics.median(t["per_step_ms"] for t in timings), 2
                     ),

@@ -79,6 +79,13 @@ class AppArgs(BaseModel):
     expert_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per expert replica")
     router_num_cpus: float = Field(0.1, ge=0, description="Ray CPUs of the router replica")
     torch_threads: int = Field(1, ge=1, le=256, description="torch threads per replica")
+    router_torch_threads: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="torch threads of the router replica: its network runs once per tick "
+        "while the experts wait for its decision",
+    )
     max_batch: int = BatchConfig.model_fields["max_batch"]
     batch_wait_timeout_s: float = BatchConfig.model_fields["batch_wait_timeout_s"]
     expert_max_ongoing_requests: int = Field(

@@ -125,7 +125,7 @@ class RouterServer:
 
     def __init__(self, args: str, experts: list, decoder=None, cards: list[str] | None = None):
         cfg = AppArgs.model_validate_json(args)
-        torch.set_num_threads(cfg.torch_threads)
+        torch.set_num_threads(cfg.router_torch_threads)
         metrics = RouterMetrics()
         remote = RemoteExperts(
             experts, cfg.expert_timeout_s, cfg.expert_retries, cfg.expert_down_for_s, metrics

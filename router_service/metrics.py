@@ -119,6 +119,16 @@ class RouterMetrics:
             boundaries=SAMPLES,
             tag_keys=("expert",),
         )
+        # exact totals beside the histograms: Ray's exporter rebuilds a histogram's _sum
+        # from bucket midpoints, so mean = _sum / _count is off (0.5 for ticks of 1)
+        self.ticks = Counter("ddm_serve_ticks", "step-batcher ticks")
+        self.tick_gathered = Counter(
+            "ddm_serve_tick_gathered_evaluations", "evaluations the step batcher's ticks gathered"
+        )
+        self.tick_calls = Counter("ddm_serve_tick_expert_calls", "expert calls ticks made")
+        self.tick_rows = Counter(
+            "ddm_serve_tick_expert_rows", "rows (doubled under guidance) ticks sent to experts"
+        )
         self.in_flight = Gauge("ddm_serve_requests_in_flight", "requests being sampled")
         self.queued = Gauge("ddm_serve_requests_queued", "requests waiting for a sampling slot")
 
@@ -141,6 +151,11 @@ class RouterMetrics:
             self.disagreement.observe(stats.disagreement, tags={"strategy": strategy})
 
     def tick(self, stats: TickStats) -> None:
+        self.ticks.inc(1)
+        self.tick_gathered.inc(stats.evaluations)
+        if stats.expert_rows:
+            self.tick_calls.inc(len(stats.expert_rows))
+            self.tick_rows.inc(sum(stats.expert_rows.values()))
         self.tick_evaluations.observe(stats.evaluations)
         for k, rows in stats.expert_rows.items():
             self.call_rows.observe(rows, tags={"expert": expert_name(k)})
@@ -162,7 +177,15 @@ class RouterMetrics:
 
 class ExpertMetrics:
     def __init__(self) -> None:
-        from ray.util.metrics import Histogram
+        from ray.util.metrics import Counter, Histogram
+
+        # exact totals (see RouterMetrics.ticks): mean batch = samples / forwards
+        self.forwards = Counter(
+            "ddm_serve_batch_forwards", "batched expert forwards", tag_keys=("expert",)
+        )
+        self.forward_samples = Counter(
+            "ddm_serve_batch_forward_samples", "samples in batched forwards", tag_keys=("expert",)
+        )
 
         self.batch_samples = Histogram(
             "ddm_serve_batch_samples",
@@ -185,6 +208,8 @@ class ExpertMetrics:
 
     def batch(self, k: int, samples: int, requests: int, seconds: float) -> None:
         tags = {"expert": expert_name(k)}
+        self.forwards.inc(1, tags=tags)
+        self.forward_samples.inc(samples, tags=tags)
         self.batch_samples.observe(samples, tags=tags)
         self.batch_requests.observe(requests, tags=tags)
         self.forward.observe(seconds, tags=tags)

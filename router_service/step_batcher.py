@@ -16,9 +16,10 @@ run that joined it into a tick and, per tick:
 
 Merging, counters and the solver stay with each run (sampler.py). Runs join and leave at
 any tick. A tick starts as soon as every joined run is waiting on it (runs in lockstep wait
-for nobody), when its rows reach `max_rows`, or `window_s` after its oldest evaluation was
-submitted (a run that is slow to come back is not waited for). One tick runs at a time per
-batcher; what arrives meanwhile goes to the next.
+for nobody), when its rows reach `max_rows`, or `window_s` after it could first have
+started (its oldest evaluation's arrival, or the end of the tick before: a run that is slow
+to come back is not waited for longer). One tick runs at a time per batcher; what arrives
+meanwhile goes to the next.
 
 A backend's `ExpertUnavailable` for expert k is handed to every evaluation that selected k
 in that tick (each run then fails or routes again without k, as it asked); any other error
@@ -170,6 +171,7 @@ class StepBatcher:
         self._pending: list[Evaluation] = []
         self._wake: asyncio.Event | None = None
         self._driver: asyncio.Task | None = None
+        self._last_tick_end = 0.0
 
     @property
     def num_experts(self) -> int:
@@ -205,7 +207,10 @@ class StepBatcher:
     async def _drive(self) -> None:
         self._wake = asyncio.Event()
         while self._pending:
-            deadline = self._pending[0].submitted + self.window_s
+            # the window counts from when this tick could start (its oldest evaluation's
+            # arrival, or the end of the tick before it), so runs resuming from that tick
+            # have a whole window to rejoin and lockstep survives a slow resume
+            deadline = max(self._pending[0].submitted, self._last_tick_end) + self.window_s
             while not self._ready() and (left := deadline - time.perf_counter()) > 0:
                 self._wake.clear()
                 try:
@@ -226,6 +231,8 @@ class StepBatcher:
                         _settle(ev, error=e)
                     if not isinstance(e, Exception):
                         raise
+                finally:
+                    self._last_tick_end = time.perf_counter()
 
     async def _tick(self, items: list[Evaluation]) -> None:
         start = time.perf_counter()

@@ -184,6 +184,10 @@ def ray_exposition() -> str:
         _series(f"{serve}errors_total", {"kind": "expert_unavailable"}, 1, r),
         _series(f"{serve}degraded_requests_total", e1, 1, r),
         _series(f"{serve}requests_in_flight", {}, 0, r),
+        _series(f"{serve}ticks_total", {}, 10, r),
+        _series(f"{serve}tick_gathered_evaluations_total", {}, 60, r),
+        _series(f"{serve}tick_expert_calls_total", {}, 40, r),
+        _series(f"{serve}tick_expert_rows_total", {}, 480, r),
         _series(f"{serve}requests_queued", {}, 0, r),
     ]
     for k, bucket, n in [
@@ -198,6 +202,8 @@ def ray_exposition() -> str:
     for k in (0, 1):
         e = f"expert-{k:03d}"
         lines += _histogram(f"{serve}batch_samples", {"expert": e}, [4, 8], e)
+        lines.append(_series(f"{serve}batch_forwards_total", {"expert": e}, 2, e))
+        lines.append(_series(f"{serve}batch_forward_samples_total", {"expert": e}, 12, e))
         lines += _histogram(f"{serve}batch_requests", {"expert": e}, [1, 2], e)
         lines += _histogram(f"{serve}expert_forward_seconds", {"expert": e}, [0.005], e)
     for deployment, healthy in [("router", 1), ("expert-000", 1), ("expert-001", 0)]:

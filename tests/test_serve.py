@@ -443,6 +443,14 @@ SERIES = [
     "ray_ddm_serve_expert_disagreement_degrees_bucket",
     "ray_ddm_serve_errors_total",
     "ray_ddm_serve_degraded_requests_total",
+    "ray_ddm_serve_ticks_total",
+    "ray_ddm_serve_tick_gathered_evaluations_total",
+    "ray_ddm_serve_tick_expert_calls_total",
+    "ray_ddm_serve_tick_expert_rows_total",
+    "ray_ddm_serve_tick_evaluations_bucket",
+    "ray_ddm_serve_expert_call_rows_bucket",
+    "ray_ddm_serve_batch_forwards_total",
+    "ray_ddm_serve_batch_forward_samples_total",
 ]
 
 
