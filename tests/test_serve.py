@@ -424,7 +424,8 @@ def test_an_expert_without_live_replicas(served, store, ray_head):
         assert degraded.status_code == 200, degraded.text
         body = degraded.json()
         assert body["degraded"] is True and body["missing_experts"] == ["expert-002"]
-        assert len(body["images"]) == 2 and body["usage"]["experts_per_step"] == 2.0
+        # full over the experts left: every one but expert-002
+        assert len(body["images"]) == 2 and body["usage"]["experts_per_step"] == K - 1
         assert httpx.get(f"{served}/readyz").status_code == 503
     finally:
         weights.write_bytes(original)
