@@ -197,8 +197,11 @@ class StepBatcher:
     def _kick(self) -> None:
         if self._wake is not None:
             self._wake.set()
-        if self._pending and (self._driver is None or self._driver.done()):
-            self._driver = asyncio.get_running_loop().create_task(self._drive())
+        loop = asyncio.get_running_loop()
+        # a driver of another loop (one that ended mid-tick) will never run again
+        stale = self._driver is None or self._driver.done() or self._driver.get_loop() is not loop
+        if self._pending and stale:
+            self._driver = loop.create_task(self._drive())
 
     def _ready(self) -> bool:
         rows = sum(len(e.x) for e in self._pending)
@@ -220,7 +223,8 @@ class StepBatcher:
             take, rows = [], 0
             while self._pending and (not take or rows + len(self._pending[0].x) <= self.max_rows):
                 ev = self._pending.pop(0)
-                if not ev.future.done():  # a cancelled run's evaluation is dropped
+                # a cancelled run's evaluation, or one of a loop that ended, is dropped
+                if not ev.future.done() and ev.future.get_loop() is asyncio.get_running_loop():
                     take.append(ev)
                     rows += len(ev.x)
             if take:
