@@ -323,7 +323,7 @@ class StepBatcher:
             out.update(zip(group, d.split([len(items[i].x) for i in group]), strict=True))
         return out
 
-    async def _call(self, k: int, users: Sequence[tuple[Evaluation, Routed]]) -> float:
+    async def _call(self, k: int, users: Sequence[tuple[Evaluation, Routed]]) -> None:
         """ONE predict call to expert k with every user's rows; scatters the answer."""
         xs, ts, ys, sizes = [], [], [], []
         labelled = any(ev.labels is not None for ev, _ in users)
@@ -350,7 +350,6 @@ class StepBatcher:
         for (ev, r), part in zip(users, v.split(sizes), strict=True):
             r.outputs[k] = apply_guidance(part, ev.guidance) if ev.guided else part
             r.expert_seconds[k] = seconds
-        return seconds
 
 
 def _call_rows(ev: Evaluation, r: Routed, k: int) -> int:
