@@ -113,12 +113,19 @@ def test_every_dashboard_and_alert_expression_evaluates(demo):
     assert httpx.post(f"{serve}/v1/samples", json={"n": 0}, timeout=30).status_code == 422
     time.sleep(12)  # two scrapes at the config's 5 s interval
     start = (out / "demo.log").stat().st_ctime - 900  # covers the whole demo
-    empty = []
-    for dashboard, panel, expr in stack.dashboard_queries():
-        reply = _range_query(prom, stack.grafana_expr(expr), start)
-        assert reply["status"] == "success", (dashboard, panel, expr, reply)
-        if not reply["data"]["result"]:
-            empty.append(f"{dashboard} / {panel}: {expr}")
+    # a new replica's first export through Ray's metrics agent can lag the scrapes, so
+    # panels get up to 90 s to show a series
+    deadline = time.monotonic() + 90
+    while True:
+        empty = []
+        for dashboard, panel, expr in stack.dashboard_queries():
+            reply = _range_query(prom, stack.grafana_expr(expr), start)
+            assert reply["status"] == "success", (dashboard, panel, expr, reply)
+            if not reply["data"]["result"]:
+                empty.append(f"{dashboard} / {panel}: {expr}")
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(5)
     assert not empty, "panels without any series:\n" + "\n".join(empty)
     for name, expr in stack.alert_exprs():
         reply = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=30).json()
