@@ -156,6 +156,77 @@ def prepare(
 app.add_typer(training_app(), name="train")
 
 
+experts_app = typer.Typer(
+    no_args_is_help=True, help="The DDM's experts, by stable id: list, add, remove."
+)
+app.add_typer(experts_app, name="experts")
+StoreOption = Annotated[
+    str, typer.Option(help="store URI: PATH, file:///PATH or s3://BUCKET/PREFIX")
+]
+
+
+@command(experts_app, "list")
+def experts_list(
+    store: StoreOption,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The experts of the store's DDM: id, cluster, version, architecture, prediction type,
+    centroid and provenance (a store without experts.json has one per cluster)."""
+    from cluster_jobs.ops.experts import list_experts
+
+    listing = list_experts(store)
+    if as_json:
+        print(json.dumps(listing))
+        return
+    print(f"{listing['store']} (registry: {listing['registry']})")
+    for row in listing["experts"]:
+        where = row["provenance"].get("uri", "trained here")
+        version = row.get("sha256", row.get("error", ""))[:12]
+        print(
+            f"  {row['name']}  cluster {row['cluster']}  {row.get('arch', '?')}/"
+            f"{row.get('prediction', '?')}  {version}  centroid: {row['centroid']}  {where}"
+        )
+    for row in listing["removed"]:
+        print(f"  {row['name']}  removed {row['removed_at']}")
+
+
+@command(experts_app, "add")
+def experts_add(
+    store: StoreOption,
+    source: Annotated[
+        str,
+        typer.Option(
+            "--from", help="a trained expert's folder: STORE/experts/expert-NNN (another store)"
+        ),
+    ],
+    centroid_samples: Annotated[
+        int, typer.Option(min=1, help="source training images its centroid is the mean of")
+    ] = 2048,
+) -> None:
+    """Copy a trained expert (verified) into the DDM under the next unused id, with its
+    data's centroid in this store's feature space; a running `ddm serve` picks it up."""
+    from cluster_jobs.ops.experts import add_from
+
+    card, used = add_from(store, source, centroid_samples)
+    print(
+        f"added {card.name} ({card.arch}/{card.prediction}, manifest {card.sha256[:12]}...) "
+        f"from {source}; centroid from {used} of its training images"
+    )
+
+
+@command(experts_app, "remove")
+def experts_remove(
+    store: StoreOption,
+    expert: Annotated[str, typer.Argument(help="expert-NNN or its id")],
+) -> None:
+    """Take an expert out of the DDM (its files stay, its id is never reused); a running
+    `ddm serve` stops routing to it and retires its deployment once requests drain."""
+    from cluster_jobs.ops.experts import remove
+
+    entry = remove(store, expert)
+    print(f"removed {entry.name} from the DDM (its checkpoint stays in the store)")
+
+
 cluster_app = typer.Typer(no_args_is_help=True, help="A local Ray head on loopback.")
 app.add_typer(cluster_app, name="cluster")
 Address = Annotated[

@@ -153,12 +153,33 @@ def publish_checkpoint(
     version = f"step-{manifest.step:06d}-{stamp}-{uuid.uuid4().hex[:8]}"
     folder = f"{prefix}/{VERSIONS_FOLDER}/{version}"
     save_checkpoint(store, folder, model, training, manifest)
+    return _publish_folder(store, prefix, version)
+
+
+def copy_checkpoint(source: Store, checkpoint: Checkpoint, store: Store, prefix: str) -> Checkpoint:
+    """Publish `checkpoint` of `source` under `prefix` of `store`, byte for byte: every file
+    is read verified against its manifest, and the manifest itself is copied unchanged (so
+    the copy has the same manifest sha256, and still names the data it was trained on)."""
+    version = f"copied-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    folder = f"{prefix}/{VERSIONS_FOLDER}/{version}"
+    for name in sorted(checkpoint.manifest.files):
+        store.put_bytes(f"{folder}/{name}", fetch_verified(source, checkpoint, name))
+    manifest = source.get_verified(
+        f"{checkpoint.folder}/{MANIFEST_FILE}", checkpoint.manifest_sha256
+    )
+    store.put_bytes(f"{folder}/{MANIFEST_FILE}", manifest)  # last: the folder is whole now
+    return _publish_folder(store, prefix, version)
+
+
+def _publish_folder(store: Store, prefix: str, version: str) -> Checkpoint:
+    """Point `prefix` at its written `version` once every file of it reads back verified."""
+    folder = f"{prefix}/{VERSIONS_FOLDER}/{version}"
     published = _read_folder(store, folder)
     for name in published.manifest.files:  # a version is published only once it reads back
         fetch_verified(store, published, name)
     before = _pointer(store, prefix)
     pointer = VersionPointer(
-        version=version, manifest_sha256=published.manifest_sha256, step=manifest.step
+        version=version, manifest_sha256=published.manifest_sha256, step=published.manifest.step
     )
     store.put_bytes(f"{prefix}/{POINTER_FILE}", pointer.model_dump_json(indent=2).encode())
     keep = {version} | ({before.version} if before is not None else set())

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ddm_nodes.names import expert_name
+from router_service.expert_set import ExpertCard
 from router_service.policies import get_policy
 from router_service.schemas import DEFAULT_ALLOWED_HOSTS, Limits
 from router_service.step_batcher import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_S
@@ -50,6 +51,16 @@ class BatchConfig(BaseModel):
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, le=10, description="how long a forward waits to fill its batch"
     )
+
+
+class RouterConfig(BaseModel):
+    """The router's `user_config`: the expert set build_app found, which `serve deploy` of
+    a changed registry replaces in place."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experts: list[ExpertCard] = Field(min_length=1)
+    registry: str = Field("", description="sha256 of experts.json ('': the default registry)")
 
 
 class AppArgs(BaseModel):
@@ -109,6 +120,12 @@ class AppArgs(BaseModel):
     expert_retries: int = Field(2, ge=0, le=10, description="retries after a replica died")
     expert_down_for_s: float = Field(5, ge=0, description="how long an expert stays down")
     health_check_period_s: float = Field(10, gt=0, description="Serve replica health checks")
+    retire_after_s: float = Field(
+        900,
+        ge=0,
+        description="how long a removed expert's deployment stays up for requests admitted "
+        "before its removal (a deploy after that stops it); at least limits.request_timeout_s",
+    )
     api_key: str | None = Field(
         None, min_length=8, description="bearer key for /v1/* (default: $DDM_API_KEY)"
     )
@@ -139,6 +156,12 @@ class AppArgs(BaseModel):
             self.api_key = os.environ["DDM_API_KEY"]
             if len(self.api_key) < 8:
                 raise ValueError("DDM_API_KEY must be at least 8 characters")
+        if self.retire_after_s < self.limits.request_timeout_s:
+            raise ValueError(
+                f"retire_after_s ({self.retire_after_s:g}) must be at least "
+                f"limits.request_timeout_s ({self.limits.request_timeout_s:g}): a removed "
+                "expert's deployment must outlive the requests admitted with it"
+            )
         if self.device == "cuda" and self.expert_num_gpus == 0:
             self.expert_num_gpus = 1.0
         return self
@@ -180,8 +203,13 @@ class AppArgs(BaseModel):
             "health_check_period_s": self.health_check_period_s,
         }
 
-    def router_options(self) -> dict:
+    def roster_options(self) -> dict:
+        return {"name": "experts", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
+
+    def router_options(self, config: RouterConfig | None = None) -> dict:
+        """The ingress's options; `config`, the expert set, is its user_config."""
         return {
+            **({} if config is None else {"user_config": config.model_dump(mode="json")}),
             "name": "router",
             "num_replicas": 1,
             "ray_actor_options": {

@@ -1,8 +1,9 @@
 """The Ray Serve deployments: one `ExpertServer` deployment per expert (`expert-003`,
 its own replicas, `@serve.batch` across requests), in a latent dataset the `DecoderServer`
-(the VAE decoder, once per request), and the `RouterServer` ingress (the FastAPI app of
-http_api.py) that owns the router network and the policies, and fans out to the experts
-and the decoder through the DeploymentHandles it was bound with. app.py builds the graph.
+(the VAE decoder, once per request), the `ExpertRoster` that binds the expert deployments
+into the app, and the `RouterServer` ingress (the FastAPI app of http_api.py) that owns the
+router network and the policies, and fans out to the experts by deployment name and to the
+decoder through the handle it was bound with. app.py builds the graph.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from ray import serve
 
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.latents import LatentCodec
+from ddm_nodes.names import expert_name
 from ddm_nodes.store import open_store
 from router_service import batching
-from router_service.app_config import AppArgs, BatchConfig
+from router_service.app_config import AppArgs, BatchConfig, RouterConfig
 from router_service.http_api import make_api
 from router_service.metrics import ExpertMetrics, RouterMetrics
 from router_service.remote_experts import RemoteDecoder, RemoteExperts
@@ -41,7 +43,7 @@ class ExpertServer:
         pinned = ExpertCard.model_validate_json(card)
         self.k = pinned.id
         self.device = torch.device(cfg.device)
-        self.expert = load_expert(s, DatasetManifest.load(s), pinned.id, self.device, pinned)
+        self.expert = load_expert(s, DatasetManifest.load(s), pinned, self.device)
         self.metrics = ExpertMetrics()
         self.max_batch = _initial.max_batch
         # The batch queue belongs to this replica, not to the class: a class-level one is
@@ -119,24 +121,56 @@ api = make_api(current_service)
 
 
 @serve.deployment
+class ExpertRoster:
+    """The app's expert deployments, bound here rather than into the router: adding one
+    changes this deployment's arguments only, so the router takes a new expert set from
+    its `user_config` in place (no restart, requests in flight keep theirs) and reaches the
+    experts by name."""
+
+    def __init__(self, *experts):
+        self.count = len(experts)
+
+    def size(self) -> int:
+        return self.count
+
+
+@serve.deployment
 @serve.ingress(api)
 class RouterServer:
-    """The HTTP ingress: routes every step and fans out to the expert deployments."""
+    """The HTTP ingress: routes every step and fans out to the expert deployments. Its
+    `user_config` (RouterConfig) is the expert set: the cards build_app pinned."""
 
-    def __init__(self, args: str, experts: list, decoder=None, cards: list[str] | None = None):
-        cfg = AppArgs.model_validate_json(args)
-        torch.set_num_threads(cfg.router_torch_threads)
-        metrics = RouterMetrics()
-        remote = RemoteExperts(
-            experts, cfg.expert_timeout_s, cfg.expert_retries, cfg.expert_down_for_s, metrics
-        )
-        pinned = [ExpertCard.model_validate_json(c) for c in cards] if cards else None
-        models = StoreModels(cfg.store, cards=pinned)
+    def __init__(self, args: str, roster=None, decoder=None):
+        self.cfg = AppArgs.model_validate_json(args)
+        torch.set_num_threads(self.cfg.router_torch_threads)
+        self.roster, self.decoder = roster, decoder
         self.app_name = serve.get_replica_context().app_name
         self._counts: tuple[float, dict[str, int]] = (0.0, {})
+        self.models: StoreModels | None = None
+
+    def reconfigure(self, config: dict) -> None:
+        """The first call (as the replica starts) loads the store's routing models for
+        these cards; a later one (`serve deploy` of a changed registry) offers the new set
+        to the running service."""
+        given = RouterConfig.model_validate(config)
+        if self.models is not None:
+            current_service().offer(self.models.expert_set_of(given.experts, given.registry))
+            return
+        cfg = self.cfg
+        metrics = RouterMetrics()
+        remote = RemoteExperts(
+            (),
+            cfg.expert_timeout_s,
+            cfg.expert_retries,
+            cfg.expert_down_for_s,
+            metrics,
+            lookup=self._handle,
+        )
+        self.models = StoreModels(cfg.store, cards=given.experts, registry_version=given.registry)
+        decoder = self.decoder
         install_service(
             SamplingService(
-                models,
+                self.models,
                 remote,
                 cfg.limits,
                 Admission(cfg.max_concurrent_requests, cfg.max_queued_requests),
@@ -151,6 +185,9 @@ class RouterServer:
                 step_max_rows=cfg.step_max_rows,
             )
         )
+
+    def _handle(self, k: int):
+        return serve.get_deployment_handle(expert_name(k), app_name=self.app_name)
 
     async def replica_counts(self) -> dict[str, int]:
         """RUNNING replicas per deployment of this app, from the controller (cached 1 s)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from router_service.expert_set import ExpertSet
 from router_service.policies import Policy, RoutingError, get_policy
 from router_service.sampler import (
     Decoder,
@@ -40,6 +41,8 @@ class Plan:
     policy: Policy
     label: int | None
     seed: int
+    experts: ExpertSet  # the DDM it was admitted with, kept to its end
+    fallback_from: str | None = None  # the router policy asked for, replaced (router_fallback)
 
 
 LABEL_ID = re.compile(r"[0-9]{1,6}")  # ASCII: str.isdigit() also takes "²" and "٣"
@@ -150,17 +153,19 @@ def _check_budget(
 def plan(
     request: SampleRequest,
     models: Models,
-    num_experts: int,
+    experts: ExpertSet,
     limits: Limits,
     default_strategy: str = DEFAULT_STRATEGY,
     steps_field: str = "steps",
 ) -> Plan:
-    """Check a parsed request against the limits and the models; RequestError if not.
-    `steps_field` names the steps in messages (num_inference_steps on the images route)."""
+    """Check a parsed request against the limits, the models and the expert set it will
+    sample with; RequestError if not. `steps_field` names the steps in messages
+    (num_inference_steps on the images route)."""
     limits.check(request.n, request.steps, steps_field=steps_field)
     name = request.strategy or default_strategy
+    present = len(experts.ids)
     try:
-        get_policy(name).check_experts(num_experts)
+        get_policy(name).check_experts(present)
     except RoutingError as e:
         raise RequestError("strategy", str(e)) from None
     try:
@@ -173,18 +178,31 @@ def plan(
             f"{policy.name!r} needs a router and the store has none; use uniform or "
             "nearest-centroid, or train one with `ddm submit --router`",
         )
+    fallback_from = None
+    if policy.needs == "router" and not experts.router_covers:
+        if request.router_fallback == "refuse":
+            raise RequestError(
+                "strategy",
+                f"{policy.name!r} routes with the router, which was trained on experts "
+                f"0..{experts.router_width - 1}, and the DDM now has "
+                f"{', '.join(experts.names)}: train a router on the current set "
+                "(`ddm submit --router --force`), or ask for router_fallback "
+                "'nearest-centroid' or strategy nearest-centroid",
+            )
+        fallback_from = policy.name
+        policy = get_policy("nearest-centroid", temperature=request.temperature)
     if policy.needs == "oracle":
         raise RequestError("strategy", "oracle routing needs true clusters: analysis only")
-    _check_budget(request, policy, num_experts, limits, steps_field)
+    _check_budget(request, policy, present, limits, steps_field)
     label = resolve_label(models.manifest.class_names, request.label)
-    if label is not None and not models.conditional:
+    if label is not None and not experts.conditional:
         raise RequestError("label", "the experts were trained without labels; omit it")
     if request.guidance != 1.0 and label is None:
         raise RequestError(
             "guidance", "needs a label: classifier-free guidance is per class (label / --label)"
         )
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED)
-    return Plan(request, policy, label, seed)
+    return Plan(request, policy, label, seed, experts, fallback_from)
 
 
 async def run(
@@ -209,9 +227,11 @@ async def run(
         r.solver,
         labels=labels,
         guidance=r.guidance,
-        features=models.features,
+        features=p.experts.features,
         on_unavailable=r.on_unavailable,
         on_evaluation=on_evaluation,
         decoder=decoder or models.decoder,
         batcher=batcher,
+        expert_ids=p.experts.ids,
+        num_experts=p.experts.width,
     )

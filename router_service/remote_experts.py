@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,28 +41,43 @@ def _deployment_failed() -> type[BaseException]:
 
 
 class RemoteExperts:
+    """Expert k's calls go to `handles[k]`; an id it has no handle for is looked up once by
+    `lookup(k)` (the router's: the deployment of that name in its app), so experts added to
+    a running service are reached without rebuilding the router."""
+
     def __init__(
         self,
-        handles: Sequence[Any],
+        handles: Sequence[Any] | Mapping[int, Any] = (),
         timeout_s: float = 30.0,
         retries: int = 2,
         down_for_s: float = 5.0,
         metrics: RouterMetrics | None = None,
+        lookup: Callable[[int], Any] | None = None,
     ):
-        self.handles = list(handles)
+        self.handles: dict[int, Any] = (
+            dict(handles) if isinstance(handles, Mapping) else dict(enumerate(handles))
+        )
+        self.lookup = lookup
         self.timeout_s = timeout_s
         self.retries = retries
         self.down_for_s = down_for_s
         self.metrics = metrics
-        self._down_until = [0.0] * len(self.handles)
-        self._why = [""] * len(self.handles)
+        self._down_until: dict[int, float] = {}
+        self._why: dict[int, str] = {}
 
     @property
     def num_experts(self) -> int:
-        return len(self.handles)
+        return max(self.handles, default=-1) + 1
+
+    def handle(self, k: int) -> Any:
+        if k not in self.handles:
+            if self.lookup is None:
+                raise ExpertUnavailable(k, "this router has no handle for it")
+            self.handles[k] = self.lookup(k)
+        return self.handles[k]
 
     def healthy(self, k: int) -> bool:
-        return time.monotonic() >= self._down_until[k]
+        return time.monotonic() >= self._down_until.get(k, 0.0)
 
     def _count(self, k: int, outcome: str) -> None:
         if self.metrics is not None:
@@ -79,15 +94,16 @@ class RemoteExperts:
     ) -> torch.Tensor:
         if not self.healthy(k):
             self._count(k, "unavailable")
-            raise ExpertUnavailable(k, f"{self._why[k]} (marked down for {self.down_for_s} s)")
+            raise ExpertUnavailable(k, f"{self._why.get(k)} (marked down for {self.down_for_s} s)")
         args = (
             x_t.detach().cpu().numpy(),
             t.detach().cpu().numpy(),
             None if y is None else y.detach().cpu().numpy(),
         )
         failure = ""
+        handle = self.handle(k)
         for attempt in range(self.retries + 1):
-            response = self.handles[k].predict.remote(*args)
+            response = handle.predict.remote(*args)
             try:
                 v = await asyncio.wait_for(_awaited(response), self.timeout_s)
             except TimeoutError:

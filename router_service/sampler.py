@@ -267,6 +267,7 @@ class RoutedVelocity:
     on_unavailable: OnUnavailable = "fail"
     on_evaluation: Callable[[EvaluationStats], None] | None = None
     calls: list[int] = field(default_factory=list)
+    absent: frozenset[int] = frozenset()  # ids not in the run's DDM: never routed to
     selected: list[float] = field(default_factory=list)
     disagreement: list[float] = field(default_factory=list)
     missing: set[int] = field(default_factory=set)
@@ -295,6 +296,7 @@ class RoutedVelocity:
                     clusters=self.clusters,
                     previous=self.previous,
                     missing=frozenset(self.missing),
+                    absent=self.absent,
                     want_probs=self.trace is not None,
                     everyone=self.trace_all_experts,
                 )
@@ -304,7 +306,7 @@ class RoutedVelocity:
             if not routed.failed:
                 break
             self.missing.update(e.expert_id for e in routed.failed)
-            if self.on_unavailable == "fail" or len(self.missing) >= K:
+            if self.on_unavailable == "fail" or len(self.missing | self.absent) >= K:
                 raise routed.failed[0]
         decision, ids, rows = routed.decision, routed.ids, routed.rows
         outputs = [routed.outputs[k] for k in ids]
@@ -385,6 +387,8 @@ async def sample_async(
     on_evaluation: Callable[[EvaluationStats], None] | None = None,
     decoder: Decoder | None = None,
     batcher: StepBatcher | None = None,
+    expert_ids: Sequence[int] | None = None,
+    num_experts: int | None = None,
 ) -> SampleResult:
     """Integrate dx/dt = v from x_T at time_grid[0] to time_grid[-1], routing every
     velocity evaluation through `policy`.
@@ -411,16 +415,26 @@ async def sample_async(
     batcher   the StepBatcher this run's evaluations join, shared with concurrent runs
               (the Serve router's); it must be over these `experts` and `router`. None: a
               batcher of this run alone
+    expert_ids  the experts of the DDM, by stable id (expert_set.py); ids below K that are
+              not listed are never routed to. None: every id 0..K-1
+    num_experts  K, the width of the routing decisions (and of the router's outputs);
+              default: experts.num_experts, or the largest of `expert_ids` + 1
     """
     if isinstance(policy, str):
         policy = get_policy(policy)
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
     grid = check_time_grid(time_grid).tolist()
-    num_experts = int(experts.num_experts)
-    n = x_T.shape[0]
-    if num_experts < 1:
+    if num_experts is None:
+        num_experts = int(experts.num_experts) if expert_ids is None else max(expert_ids) + 1
+    if expert_ids is None:
+        expert_ids = range(num_experts)
+    if not expert_ids:
         raise ValueError("there are no experts to sample with")
+    if max(expert_ids) >= num_experts:
+        raise ValueError(f"expert ids {list(expert_ids)} do not fit num_experts {num_experts}")
+    absent = frozenset(range(num_experts)) - set(expert_ids)
+    n = x_T.shape[0]
     if policy.needs == "router" and router is None:
         raise RoutingError(
             f"policy {policy.name!r} needs a router, and none was given: train one with "
@@ -438,7 +452,7 @@ async def sample_async(
         raise ValueError(f"guidance {guidance} needs labels: guidance compares them to null")
     if on_unavailable not in ("fail", "renormalize"):
         raise ValueError(f"on_unavailable must be 'fail' or 'renormalize', got {on_unavailable!r}")
-    policy.check_experts(num_experts)
+    policy.check_experts(num_experts - len(absent))
     if batcher is None:
         batcher = StepBatcher(experts, router, window_s=DEFAULT_WINDOW_S)
     elif batcher.experts is not experts or batcher.router != router:  # == for bound methods
@@ -456,6 +470,7 @@ async def sample_async(
         on_unavailable=on_unavailable,
         on_evaluation=on_evaluation,
         calls=[0] * num_experts,
+        absent=absent,
     )
     async with batcher.joined():
         final = await SOLVERS[solver](velocity, x_T, grid)

@@ -140,6 +140,13 @@ OnUnavailableField = Field(
     "out, renormalise the weights, answer with degraded: true)",
 )
 
+RouterFallbackField = Field(
+    "refuse",
+    description="a router policy when the router was not trained on the current expert set "
+    "(an expert was added since): 'refuse' (422) or 'nearest-centroid' (route by the "
+    "experts' centroids instead; the response's strategy says so)",
+)
+
 
 class SampleRequest(_Strict):
     """POST /v1/samples (and what `ddm sample` runs in-process)."""
@@ -169,6 +176,7 @@ class SampleRequest(_Strict):
         "png", description="png: one base64 PNG per image; npy: one base64 .npy float32 array"
     )
     on_unavailable: Literal["fail", "renormalize"] = OnUnavailableField
+    router_fallback: Literal["refuse", "nearest-centroid"] = RouterFallbackField
 
 
 class ImagesRequest(_Strict):
@@ -190,6 +198,7 @@ class ImagesRequest(_Strict):
     seed: int | None = Seed
     strategy: str | None = Strategy
     on_unavailable: Literal["fail", "renormalize"] = OnUnavailableField
+    router_fallback: Literal["refuse", "nearest-centroid"] = RouterFallbackField
 
 
 class Usage(BaseModel):
@@ -219,7 +228,11 @@ class Timing(BaseModel):
 
 
 class SampleResponse(BaseModel):
-    strategy: str
+    strategy: str = Field(description="the policy that routed it (a fallback's, if one ran)")
+    fallback_from: str | None = Field(
+        None, description="the strategy asked for, when router_fallback replaced it"
+    )
+    experts: list[str] = Field(default_factory=list, description="the DDM it sampled with")
     solver: str
     n: int
     steps: int
@@ -261,9 +274,17 @@ class ExpertStatus(BaseModel):
     )
     replicas: int = Field(description="replicas running now")
     healthy: bool
+    source: str = Field("trained", description="trained here, or copied from another store")
 
 
 class ExpertsResponse(BaseModel):
     experts: list[ExpertStatus]
     router: bool = Field(description="whether the store has a router network")
+    router_current: bool = Field(
+        False, description="whether the router was trained on every expert listed"
+    )
+    registry: str = Field("", description="sha256 of the experts.json served ('': default)")
+    pending: list[str] | None = Field(
+        None, description="a changed registry's experts, served once each has a replica"
+    )
     class_names: list[str] | None

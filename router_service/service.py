@@ -28,6 +28,7 @@ from ddm_nodes.errors import DDMError
 from ddm_nodes.names import expert_name
 from ddm_nodes.pixels import npy_bytes, pngs
 from router_service import planning
+from router_service.expert_set import ExpertSet
 from router_service.metrics import RouterMetrics
 from router_service.policies import get_policy, strategy_label
 from router_service.sampler import Decoder, EvaluationStats, Experts, SampleResult
@@ -165,6 +166,10 @@ class SamplingService:
         # proxy gives each request its id (and the X-Request-ID response header)
         self.allowed_hosts = tuple(allowed_hosts)
         self.request_ids_from_proxy = request_ids_from_proxy
+        # the DDM new requests are admitted with; a changed registry waits in `pending`
+        # until every expert of it has a running replica (`offer`)
+        self.expert_set: ExpertSet = models.expert_set
+        self.pending: ExpertSet | None = None
         # every admitted request's evaluations go through one batcher: one router forward
         # and one call per selected expert per tick, across requests
         self.batcher = StepBatcher(
@@ -180,7 +185,7 @@ class SamplingService:
         plan = planning.plan(
             request,
             self.models,
-            self.experts.num_experts,
+            await self.current_set(),
             self.limits,
             self.default_strategy,
             steps_field,
@@ -225,14 +230,31 @@ class SamplingService:
         )
         return Sampled(plan, result, timing)
 
+    def offer(self, expert_set: ExpertSet) -> None:
+        """A new expert set (the registry changed): requests admitted from when it is
+        served (`current_set`) sample with it; those admitted before keep theirs."""
+        if expert_set.version == self.expert_set.version and self.pending is None:
+            return
+        self.pending = expert_set
+
+    async def current_set(self) -> ExpertSet:
+        """The set new requests get: the pending one as soon as each of its experts has a
+        running replica (an added expert's deployment takes seconds to start)."""
+        if self.pending is not None:
+            counts = await self.replica_counts() if self.replica_counts else {}
+            if self.replica_counts is None or all(counts.get(n, 0) > 0 for n in self.pending.names):
+                self.expert_set, self.pending = self.pending, None
+        return self.expert_set
+
     def _report_load(self) -> None:
         if self.metrics is not None:
             self.metrics.load(self.admission.active, self.admission.waiting)
 
     @staticmethod
-    def _usage(result: SampleResult) -> Usage:
+    def _usage(s: Sampled) -> Usage:
+        result = s.result
         return Usage(
-            expert_calls={expert_name(k): c for k, c in enumerate(result.expert_calls)},
+            expert_calls={expert_name(k): result.expert_calls[k] for k in s.plan.experts.ids},
             experts_per_step=round(result.experts_per_step, 4),
             evaluations=result.evaluations,
         )
@@ -247,6 +269,8 @@ class SamplingService:
             encoded["npy"] = base64.b64encode(npy_bytes(images)).decode()
         return SampleResponse(
             strategy=s.plan.policy.name,
+            fallback_from=s.plan.fallback_from,
+            experts=s.plan.experts.names,
             solver=request.solver,
             n=request.n,
             steps=request.steps,
@@ -254,7 +278,7 @@ class SamplingService:
             label=s.plan.label,
             format=request.format,
             shape=list(images.shape),
-            usage=self._usage(s.result),
+            usage=self._usage(s),
             timing=s.timing,
             degraded=bool(s.result.missing_experts),
             missing_experts=[expert_name(k) for k in s.result.missing_experts],
@@ -277,6 +301,7 @@ class SamplingService:
             label=label,
             guidance=request.guidance_scale,
             on_unavailable=request.on_unavailable,
+            router_fallback=request.router_fallback,
         )
         s = await self._sample(sample_request, steps_field="num_inference_steps")
         name = self.models.manifest.class_names[label]
@@ -287,15 +312,16 @@ class SamplingService:
                 for png in pngs(s.result.images)
             ],
             seed=s.plan.seed,
-            usage=self._usage(s.result),
+            usage=self._usage(s),
             degraded=bool(s.result.missing_experts),
             missing_experts=[expert_name(k) for k in s.result.missing_experts],
         )
 
     async def experts_info(self) -> ExpertsResponse:
+        served = await self.current_set()
         counts = await self.replica_counts() if self.replica_counts else {}
         rows = []
-        for card in self.models.cards:
+        for card in served.cards:
             replicas = counts.get(card.name, 1 if self.replica_counts is None else 0)
             healthy = replicas > 0 and _healthy(self.experts, card.id)
             rows.append(
@@ -309,11 +335,15 @@ class SamplingService:
                     prediction=card.prediction,
                     replicas=replicas,
                     healthy=healthy,
+                    source=card.source,
                 )
             )
         return ExpertsResponse(
             experts=rows,
             router=self.models.router is not None,
+            router_current=served.router_covers,
+            registry=served.version,
+            pending=None if self.pending is None else self.pending.names,
             class_names=self.models.manifest.class_names,
         )
 

@@ -112,7 +112,8 @@ class Evaluation:
     features: Features | None = None
     clusters: torch.Tensor | None = None
     previous: torch.Tensor | None = None  # the run's last merged velocity (nearest-centroid)
-    missing: frozenset[int] = frozenset()
+    missing: frozenset[int] = frozenset()  # unavailable: the run routes around them
+    absent: frozenset[int] = frozenset()  # not in the run's DDM (sparse ids): never routed
     want_probs: bool = False  # a trace records router probabilities whatever the policy
     everyone: bool = False  # trace_all_experts: every expert on every row
     submitted: float = field(default_factory=time.perf_counter)
@@ -361,9 +362,9 @@ def _decide(ev: Evaluation, probs: torch.Tensor | None, distances: torch.Tensor 
     """Evaluation `ev`'s own policy on its own rows."""
     n, K = len(ev.x), ev.num_experts
     available = None
-    if ev.missing:
+    if ev.missing or ev.absent:
         available = torch.ones(K, dtype=torch.bool)
-        available[sorted(ev.missing)] = False
+        available[sorted(ev.missing | ev.absent)] = False
     if ev.policy.needs == "features" and ev.previous is None:
         # no velocity yet, so no x̂_0 to embed
         decision = get_policy("uniform").select(n, K, available=available)
@@ -372,9 +373,9 @@ def _decide(ev: Evaluation, probs: torch.Tensor | None, distances: torch.Tensor 
         decision = ev.policy.select(
             n, K, probs=probs, distances=distances, clusters=clusters, available=available
         )
-    if ev.missing & set(decision.experts()):
+    if (ev.missing | ev.absent) & set(decision.experts()):
         raise RoutingError(f"routing selected missing experts {sorted(ev.missing)}")
-    ids = list(range(K)) if ev.everyone else decision.experts()
+    ids = sorted(set(range(K)) - ev.absent) if ev.everyone else decision.experts()
     rows = {k: decision.rows(k).to(ev.x.device) for k in ids}
     return Routed(probs=probs, distances=distances, decision=decision, ids=ids, rows=rows)
 

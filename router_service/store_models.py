@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load as load_safetensors
 
 from ddm_nodes.checkpoint import (
@@ -44,47 +43,68 @@ from ddm_nodes.errors import ManifestError
 from ddm_nodes.experts import Expert, ExpertSpec
 from ddm_nodes.features import FeatureSpace
 from ddm_nodes.latents import DecodedFeatures, LatentCodec
-from ddm_nodes.names import ROUTER_PREFIX, expert_name, expert_prefix
+from ddm_nodes.names import ROUTER_PREFIX, expert_prefix
+from ddm_nodes.registry import ExpertEntry, Registry, load_registry, registry_sha256
 from ddm_nodes.router_net import RouterNet
 from ddm_nodes.store import Store, open_store
+from router_service.expert_set import ExpertCard, ExpertSet
+
+__all__ = ["ExpertCard", "StoreModels", "expert_card", "load_expert", "load_router"]
 
 
-class ExpertCard(BaseModel):
-    """Who an expert is, without loading its weights."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: int
-    name: str  # "expert-003": its deployment name too
-    cluster: int
-    sha256: str  # of the checkpoint manifest, which pins every file's sha256
-    folder: str  # the version folder that manifest is in
-    preset: str
-    arch: str  # unet or dit
-    prediction: str  # what its network predicts: v, eps or x0 (served as velocity)
-    conditional: bool
-    step: int
-
-
-def check_experts_present(store: Store, manifest: DatasetManifest) -> None:
-    """ManifestError naming every cluster without a trained expert."""
-    missing = [
-        k for k in range(manifest.num_clusters) if not has_checkpoint(store, expert_prefix(k))
-    ]
-    if missing:
+def check_experts_present(store: Store, manifest: DatasetManifest, registry: Registry) -> None:
+    """ManifestError naming every expert of the registry without a checkpoint."""
+    missing = [e for e in registry.experts if not has_checkpoint(store, expert_prefix(e.id))]
+    if not missing:
+        return
+    if all(e.provenance.source == "trained" and e.id == e.cluster for e in missing):
         raise ManifestError(
             f"store {store.uri} has no trained expert for cluster(s) "
-            f"{', '.join(map(str, missing))} of {manifest.num_clusters}: train them with "
-            f"`ddm submit --store {store.uri} --clusters all`"
+            f"{', '.join(str(e.cluster) for e in missing)} of {manifest.num_clusters}: train "
+            f"them with `ddm submit --store {store.uri} --clusters all`"
         )
+    raise ManifestError(
+        f"store {store.uri} has no checkpoint for {', '.join(e.name for e in missing)}, which "
+        f"its {store.url('experts.json')} lists: add it again (`ddm experts add --from`) or "
+        f"remove it (`ddm experts remove`)"
+    )
 
 
-def _checked_spec(
-    store: Store, manifest: DatasetManifest, k: int, cluster: int | None, training: dict
-) -> ExpertSpec:
-    prefix = expert_prefix(k)
-    if cluster != k:
-        raise ManifestError(f"{store.url(prefix)} was trained on cluster {cluster}, not {k}")
+RETRAIN_EXPERTS = "retrain the experts with `ddm submit --clusters all --force`"
+
+
+def _expert_checkpoint(
+    store: Store,
+    manifest: DatasetManifest,
+    who: ExpertEntry | ExpertCard,
+    card: ExpertCard | None = None,
+) -> tuple[Checkpoint, ExpertSpec]:
+    """Expert `who`'s checkpoint (the version `card` pins, else the published one), checked:
+    trained on the data the registry says (this store's clustering, or the dataset a copied
+    expert recorded), on its cluster, at the data's shape."""
+    prefix = expert_prefix(who.id)
+    ckpt = (
+        open_checkpoint(store, prefix)
+        if card is None
+        else open_pinned(store, card.folder, card.sha256)
+    )
+    if ckpt.manifest.kind != "expert":
+        raise ManifestError(f"{store.url(ckpt.folder)} holds a {ckpt.manifest.kind}, not an expert")
+    name = f"expert-{who.id:03d}"
+    if who.dataset_sha256 is None:
+        check_dataset(store, ckpt, manifest, name, RETRAIN_EXPERTS)
+    elif ckpt.manifest.dataset_sha256 != who.dataset_sha256:
+        raise ManifestError(
+            f"{store.url(ckpt.folder)} was trained on dataset "
+            f"{str(ckpt.manifest.dataset_sha256)[:12]}... but the registry copied {name} from "
+            f"one trained on {who.dataset_sha256[:12]}...: "
+            "the folder was replaced; add the expert again with `ddm experts add --from`"
+        )
+    if ckpt.manifest.cluster != who.cluster:
+        raise ManifestError(
+            f"{store.url(prefix)} was trained on cluster {ckpt.manifest.cluster}, not {who.cluster}"
+        )
+    training = json.loads(fetch_verified(store, ckpt, TRAINING_FILE))
     spec = ExpertSpec(**training["model"])
     h, w, c = manifest.model_shape
     if (spec.image_size, spec.image_size, spec.channels) != (h, w, c):
@@ -93,37 +113,15 @@ def _checked_spec(
             f"{store.url(prefix)} makes {spec.channels}x{spec.image_size}x"
             f"{spec.image_size} states but the dataset's {what} are {c}x{h}x{w}; retrain it"
         )
-    return spec
-
-
-RETRAIN_EXPERTS = "retrain the experts with `ddm submit --clusters all --force`"
-
-
-def _expert_checkpoint(
-    store: Store, manifest: DatasetManifest, k: int, card: ExpertCard | None
-) -> tuple[Checkpoint, ExpertSpec]:
-    ckpt = (
-        open_checkpoint(store, expert_prefix(k))
-        if card is None
-        else open_pinned(store, card.folder, card.sha256)
-    )
-    if ckpt.manifest.kind != "expert":
-        raise ManifestError(f"{store.url(ckpt.folder)} holds a {ckpt.manifest.kind}, not an expert")
-    check_dataset(store, ckpt, manifest, expert_name(k), RETRAIN_EXPERTS)
-    training = json.loads(fetch_verified(store, ckpt, TRAINING_FILE))
-    return ckpt, _checked_spec(store, manifest, k, ckpt.manifest.cluster, training)
+    return ckpt, spec
 
 
 def load_expert(
-    store: Store,
-    manifest: DatasetManifest,
-    k: int,
-    device: str | torch.device = "cpu",
-    card: ExpertCard | None = None,
+    store: Store, manifest: DatasetManifest, card: ExpertCard, device: str | torch.device = "cpu"
 ) -> Expert:
-    """Expert k (trained on cluster k), verified, in eval mode on `device`: the version
-    `card` pins, else the published one."""
-    ckpt, spec = _expert_checkpoint(store, manifest, k, card)
+    """The expert `card` describes, exactly the version it pins, verified, in eval mode on
+    `device`."""
+    ckpt, spec = _expert_checkpoint(store, manifest, card, card)
     expert = Expert.create(spec)
     recorded = _config_fields(json.loads(fetch_verified(store, ckpt, CONFIG_FILE)))
     built = _config_fields(dict(expert.denoiser.config))
@@ -152,13 +150,14 @@ def _config_fields(config: dict) -> dict:
     return {k: v for k, v in json.loads(json.dumps(config)).items() if not k.startswith("_")}
 
 
-def expert_card(store: Store, manifest: DatasetManifest, k: int) -> ExpertCard:
-    """Expert k's identity from its manifest and training.json (both verified)."""
-    ckpt, spec = _expert_checkpoint(store, manifest, k, None)
+def expert_card(store: Store, manifest: DatasetManifest, entry: ExpertEntry) -> ExpertCard:
+    """A registry entry's identity card: its published version's manifest and training.json
+    (both verified)."""
+    ckpt, spec = _expert_checkpoint(store, manifest, entry)
     return ExpertCard(
-        id=k,
-        name=expert_name(k),
-        cluster=k,
+        id=entry.id,
+        name=entry.name,
+        cluster=entry.cluster,
         sha256=ckpt.manifest_sha256,
         folder=ckpt.folder,
         preset=spec.preset,
@@ -166,7 +165,19 @@ def expert_card(store: Store, manifest: DatasetManifest, k: int) -> ExpertCard:
         prediction=spec.prediction,
         conditional=spec.conditional,
         step=ckpt.manifest.step,
+        dataset_sha256=entry.dataset_sha256,
+        centroid=entry.centroid,
+        source=entry.provenance.source,
     )
+
+
+def registry_cards(store: Store, manifest: DatasetManifest) -> tuple[list[ExpertCard], str]:
+    """The cards of the store's registry as it is now, and its version (the sha256 of
+    experts.json, "" for the default registry); every expert checked."""
+    version = registry_sha256(store) or ""
+    registry = load_registry(store, manifest)
+    check_experts_present(store, manifest, registry)
+    return [expert_card(store, manifest, e) for e in registry.experts], version
 
 
 def load_router(
@@ -218,15 +229,18 @@ class StoreModels:
         store: Store | str,
         device: str | torch.device = "cpu",
         cards: list[ExpertCard] | None = None,
+        registry_version: str = "",
     ):
         self.store = store if isinstance(store, Store) else open_store(store)
         self.manifest = DatasetManifest.load(self.store)
         self.device = torch.device(device)
-        check_experts_present(self.store, self.manifest)
         # `cards`: the versions a deployment pinned; each is checked as it is read again
-        self.cards = cards or [expert_card(self.store, self.manifest, k) for k in self.expert_ids]
-        for card in cards or []:
-            _expert_checkpoint(self.store, self.manifest, card.id, card)
+        version = registry_version
+        if cards is None:
+            cards, version = registry_cards(self.store, self.manifest)
+        for card in cards:
+            _expert_checkpoint(self.store, self.manifest, card, card)
+        self.cards = cards
         self.router_net: RouterNet | None = load_router(self.store, self.manifest, self.device)
         # one callable for the models' life: a StepBatcher is bound to it
         self._router = None if self.router_net is None else RouterFn(self.router_net, self.device)
@@ -243,10 +257,12 @@ class StoreModels:
             if self.codec is None
             else DecodedFeatures(self.feature_space, self.codec)
         )
+        self.expert_set = self.expert_set_of(self.cards, version)
 
-    @property
-    def expert_ids(self) -> range:
-        return range(self.manifest.num_clusters)
+    def expert_set_of(self, cards: list[ExpertCard], version: str = "") -> ExpertSet:
+        """The snapshot requests sample with, for these cards."""
+        width = None if self.router_net is None else self.router_net.config.num_clusters
+        return ExpertSet.build(cards, self.feature_space, self.codec, width, version)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -268,7 +284,7 @@ class StoreModels:
     @property
     def conditional(self) -> bool:
         """Whether every expert takes class labels."""
-        return all(card.conditional for card in self.cards)
+        return self.expert_set.conditional
 
     @property
     def router(self) -> RouterFn | None:

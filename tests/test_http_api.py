@@ -29,7 +29,7 @@ from PIL import Image
 from cluster_jobs.analysis.sampling import run_sample
 from ddm_nodes.pixels import from_npy
 from router_service import planning
-from router_service.app_config import AppArgs
+from router_service.app_config import AppArgs, RouterConfig
 from router_service.http_api import UNAVAILABLE_RETRY_AFTER_S, host_name, make_api
 from router_service.local_experts import LocalExperts
 from router_service.metrics import MetricKinds, RouterMetrics
@@ -958,13 +958,18 @@ class _Recorder:
         return SimpleNamespace(bind=lambda *args: self.bound.append((options, args)) or args)
 
 
+def _unversioned(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in ("version", "_internal")}
+
+
 def test_the_app_arguments_reach_every_replica_whole(store, monkeypatch):
     """build_app hands every deployment the whole AppArgs as its JSON (no hand-picked
     fields): what each replica parses equals what `ddm serve` was given."""
     import router_service.app as app_module
 
-    experts, router = _Recorder(), _Recorder()
+    experts, roster, router = _Recorder(), _Recorder(), _Recorder()
     monkeypatch.setattr(app_module, "ExpertServer", experts)
+    monkeypatch.setattr(app_module, "ExpertRoster", roster)
     monkeypatch.setattr(app_module, "RouterServer", router)
     given = AppArgs(
         store=str(Path(store).resolve()),
@@ -984,13 +989,19 @@ def test_the_app_arguments_reach_every_replica_whole(store, monkeypatch):
     assert [card.id for card in cards] == list(range(K))
     for (options, (args_json, _)), card in zip(experts.bound, cards, strict=True):
         assert AppArgs.model_validate_json(args_json) == given
-        assert options == given.expert_options(card.id)
-    ((options, (args_json, handles, decoder, cards_json)),) = router.bound
+        assert _unversioned(options) == given.expert_options(card.id)
+    ((_, handles),) = roster.bound  # every expert deployment is in the app through it
+    assert len(handles) == K
+    ((options, (args_json, _, decoder)),) = router.bound
     assert AppArgs.model_validate_json(args_json) == given
-    assert options == given.router_options() and len(handles) == K
+    config = RouterConfig.model_validate(options["user_config"])
+    assert _unversioned(options) == given.router_options(config)
+    # a version made of the arguments: a redeploy restarts only what changed
+    assert len({o["version"] for o, _ in [*experts.bound, *router.bound]}) == K + 1
     assert decoder is None  # a pixel-space store: nothing to decode
-    # the router advertises exactly the versions the expert replicas were pinned to
-    assert [ExpertCard.model_validate_json(c) for c in cards_json] == cards
+    # the router advertises exactly the versions the expert replicas were pinned to, and
+    # the default registry (no experts.json) is what it serves
+    assert config.experts == cards and config.registry == ""
 
 
 def test_expert_replica_batches_concurrent_sub_batches_at_different_steps(

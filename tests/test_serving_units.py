@@ -642,7 +642,7 @@ def test_parse_names_an_unknown_field_and_lists_the_allowed_ones():
     assert e.value.field == "colour" and e.value.status == 422
     assert str(e.value) == (
         "colour: unknown field; allowed fields: n, steps, strategy, solver, seed, label, "
-        "guidance, temperature, format, on_unavailable"
+        "guidance, temperature, format, on_unavailable, router_fallback"
     )
 
 

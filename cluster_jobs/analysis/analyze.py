@@ -35,6 +35,7 @@ from ddm_nodes.errors import DDMError
 from ddm_nodes.experts import Expert, ExpertSpec
 from ddm_nodes.names import MONOLITH_PREFIX, ROUTER_PREFIX
 from ddm_nodes.pixels import grid_png
+from ddm_nodes.registry import REGISTRY_KEY, load_registry
 from ddm_nodes.store import Store, open_store, write_atomic
 from router_service.local_experts import LocalExperts
 from router_service.policies import RoutingError, get_policy
@@ -314,7 +315,14 @@ def preflight(cfg: AnalyzeConfig, store: Store) -> None:
     second, before any output, and `ddm submit --analyze` fails before a job is submitted.
     (--inception is not checked here: it names a file on the machine the analysis runs on.)"""
     manifest = DatasetManifest.load(store)
-    check_experts_present(store, manifest)
+    registry = load_registry(store, manifest)
+    if not registry.is_default(manifest):
+        raise DDMError(
+            f"the analysis pairs expert k with cluster k of this store's data, and "
+            f"{store.url(REGISTRY_KEY)} lists {', '.join(e.name for e in registry.experts)}: "
+            "analyse a store whose DDM is one trained expert per cluster (`ddm experts list`)"
+        )
+    check_experts_present(store, manifest, registry)
     quality.FeatNet.check_present(store)
     for name in cfg.strategies:
         policy = get_policy(name)

@@ -69,7 +69,7 @@ def run_sample(
     """In-process: the store's experts as local modules; `options` as `sample_request`."""
     request = sample_request(strategy, n, steps, **options)
     with cli_flags():
-        p = plan(request, experts, experts.num_experts, CLI_LIMITS)
+        p = plan(request, experts, experts.expert_set, CLI_LIMITS)
     start = time.perf_counter()
     result = asyncio.run(run(p, experts, experts))
     return SampleRun(
