@@ -1,5 +1,7 @@
 """`ddm serve`: the Serve application (router + one deployment per expert) on a Ray cluster,
-in the foreground until Ctrl-C or SIGTERM, which delete that application again.
+in the foreground until Ctrl-C or SIGTERM, which delete that application again. While it
+runs it watches the store's expert registry: after `ddm experts add|remove` it deploys the
+application built from the new registry, which Serve applies in place (app.py).
 
 Ray: the cluster in RAY_ADDRESS (host:port of a GCS), else the head `ddm cluster up`
 started (its token auth is picked up), else a Ray inside this process on 127.0.0.1 with
@@ -22,6 +24,7 @@ from router_service.app_config import AppArgs
 from router_service.schemas import host_name
 
 READY_TIMEOUT_S = 600
+REGISTRY_POLL_S = 2.0  # how often a running `ddm serve` looks at the store's experts.json
 DELETING_WAIT_S = 60  # an app of the same name Ctrl-C'd a moment ago may still be going
 WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
 # router_service.app.APP_NAME, whose module takes torch and diffusers to import; a test
@@ -96,6 +99,22 @@ def _wait_ready(url: str, app_name: str, deadline: float) -> None:
                 raise DDMError(f"deployment {name} failed: {d.message.splitlines()[0][:300]}")
         time.sleep(1)
     raise DDMError(f"the service at {url} did not become ready within {READY_TIMEOUT_S} s")
+
+
+def registry_state(args: AppArgs) -> tuple[str | None, tuple[int, ...]]:
+    """What the app is built from that `ddm experts` changes: experts.json's hash and the
+    removed experts whose deployments still run (a change in either: build it again)."""
+    from ddm_nodes.dataset_manifest import DatasetManifest
+    from ddm_nodes.registry import load_registry, registry_sha256
+    from ddm_nodes.store import open_store
+
+    store = open_store(args.store)
+    try:
+        registry = load_registry(store, DatasetManifest.load(store))
+    except DDMError:  # half-written by hand, say: the build after it reports the error
+        return ("unreadable", ())
+    retiring = tuple(e.id for e in registry.retiring(args.retire_after_s))
+    return registry_sha256(store), retiring
 
 
 def serve_running(host: str, port: int, app_name: str, route_prefix: str) -> bool:
@@ -183,8 +202,27 @@ def serve_forever(
         ready_url = _url("127.0.0.1" if host in WILDCARD_HOSTS else host, port, route_prefix)
         _wait_ready(ready_url, app_name, time.monotonic() + READY_TIMEOUT_S)
         print(f"serving {args.store} at {url} (Ctrl-C stops it)", flush=True)
+        watched = registry_state(args)
         while True:
-            time.sleep(1)
+            time.sleep(REGISTRY_POLL_S)
+            now = registry_state(args)
+            if now == watched:
+                continue
+            watched = now
+            try:
+                app = build_app(args)
+            except DDMError as e:  # keep serving what runs; say why the change is not served
+                print(f"error: the changed registry is not served: {e}", file=sys.stderr)
+                continue
+            print("the expert registry changed: updating the application", flush=True)
+            serve.run(
+                app,
+                name=app_name,
+                route_prefix=route_prefix,
+                blocking=False,
+                logging_config=logging,
+            )
+            print(f"serving the updated registry at {url}", flush=True)
     except KeyboardInterrupt:
         pass
     finally:

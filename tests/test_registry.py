@@ -1,0 +1,201 @@
+"""The expert registry in-process: `ddm experts list|add|remove` on real tiny stores, the
+copy of an expert trained elsewhere (on another clustering of digits: other data), its
+centroid re-derived from the source's shards, sampling over sparse ids, and the router
+policies refusing or falling back when the router does not cover the set. The live
+change under load through `ddm serve` is in test_serve.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_ddm, run_ddm, run_ddm_in_process
+
+from cluster_jobs.analysis.analyze import preflight
+from cluster_jobs.analysis.config import AnalyzeConfig
+from cluster_jobs.data.shards import cluster_dataset
+from ddm_nodes.checkpoint import open_checkpoint
+from ddm_nodes.dataset_manifest import DatasetManifest
+from ddm_nodes.errors import DDMError
+from ddm_nodes.features import FeatureSpace
+from ddm_nodes.names import expert_prefix
+from ddm_nodes.registry import REGISTRY_KEY, load_registry
+from ddm_nodes.store import open_store
+from router_service import planning
+from router_service.local_experts import LocalExperts
+from router_service.sampler import initial_noise, sample, time_grid
+from router_service.schemas import Limits, RequestError, SampleRequest
+
+K, SIZE = 3, 8
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> tuple[str, str]:
+    """A DDM of 3 experts and another store, clustered into 2, whose experts are the
+    'trained elsewhere on new data' ones."""
+    root = tmp_path_factory.mktemp("registry")
+    return build_tiny_ddm(root / "home", K, SIZE), build_tiny_ddm(root / "other", 2, SIZE)
+
+
+def _listing(store: str) -> dict:
+    done = run_ddm_in_process("experts", "list", "--store", store, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _registry_bytes(store: str) -> bytes | None:
+    path = Path(store) / REGISTRY_KEY
+    return path.read_bytes() if path.exists() else None
+
+
+def _fails(store: str, *args: str) -> str:
+    """A bad `ddm experts` call: exit 2, one line naming the fix, the registry untouched."""
+    before = _registry_bytes(store)
+    done = run_ddm_in_process("experts", *args)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert _registry_bytes(store) == before
+    return lines[0]
+
+
+def _centroid_of(source: str, cluster: int, space: FeatureSpace) -> torch.Tensor:
+    """Re-derived: the mean feature of every training image of the source cluster."""
+    images = torch.stack([s["image"] for s in cluster_dataset(source, cluster, "train")])
+    return space.embed(images).double().mean(0).float()
+
+
+def test_experts_add_from_remove_and_sampling_over_sparse_ids(stores, tmp_path):
+    home, other = stores
+    listing = _listing(home)
+    assert listing["registry"] == "default"
+    assert [(r["name"], r["cluster"], r["centroid"]) for r in listing["experts"]] == [
+        (f"expert-{k:03d}", k, f"cluster {k}") for k in range(K)
+    ]
+
+    # --- bad input first: each exit 2 with one line, nothing written -------------------
+    assert "STORE/experts/expert-NNN" in _fails(home, "add", "--store", home, "--from", other)
+    assert "no trained expert" in _fails(
+        home, "add", "--store", home, "--from", f"{other}/experts/expert-007"
+    )
+    assert "is not an expert of this DDM" in _fails(home, "remove", "--store", home, "expert-009")
+
+    # --- add: expert 1 of the other store (its cluster 1 of 2), through the console script
+    source = f"{other}/experts/expert-001"
+    added = run_ddm("experts", "add", "--store", home, "--from", source)
+    assert added.returncode == 0, added.stderr
+    assert "added expert-003" in added.stdout
+    manifest = DatasetManifest.load(open_store(home))
+    other_manifest = DatasetManifest.load(open_store(other))
+    registry = load_registry(open_store(home), manifest)
+    new = registry.entry(3)
+    assert registry.ids == [0, 1, 2, 3] and new.cluster == 1
+    assert new.provenance.source == "copied" and new.provenance.uri.endswith("expert-001")
+    assert new.provenance.dataset_sha256 == other_manifest.sha256 != manifest.sha256
+    # byte for byte: the copy's manifest is the source's
+    src_ckpt = open_checkpoint(open_store(other), expert_prefix(1))
+    assert new.provenance.manifest_sha256 == src_ckpt.manifest_sha256
+    space = FeatureSpace.load(open_store(home), manifest)
+    want = _centroid_of(other, 1, space)
+    assert torch.allclose(torch.tensor(new.centroid), want, atol=1e-4)
+    listed = {r["name"]: r for r in _listing(home)["experts"]}
+    assert listed["expert-003"]["centroid"] == f"{space.centroids.shape[1]}-d"
+    assert listed["expert-003"]["sha256"] == src_ckpt.manifest_sha256
+
+    experts = LocalExperts(home)
+    assert experts.expert_set.ids == [0, 1, 2, 3] and not experts.expert_set.router_covers
+    # the copy answers as its source does (float tolerance: two loads, one CPU)
+    x, t = torch.randn(4, 1, SIZE, SIZE), torch.rand(4)
+    theirs = LocalExperts(other).predict(1, x, t)
+    assert torch.allclose(experts.predict(3, x, t), theirs, atol=1e-6)
+
+    # nearest-centroid reaches it: the first step is uniform over all four, later ones
+    # route by distances whose column 3 is the distance to its stored centroid
+    p = planning.plan(
+        SampleRequest(n=6, steps=4, strategy="nearest-centroid", seed=3),
+        experts,
+        experts.expert_set,
+        Limits(),
+    )
+    result = sample(
+        experts,
+        experts.router,
+        p.policy,
+        initial_noise(6, experts.state_shape, 3),
+        time_grid(4),
+        features=p.experts.features,
+        expert_ids=p.experts.ids,
+        num_experts=p.experts.width,
+        trace=True,
+    )
+    assert result.expert_calls[3] >= 1 and result.trace[0].decision.counts().tolist() == [4] * 6
+    later = result.trace[2]
+    x0 = later.x_t - later.t * result.trace[1].velocity
+    expect = torch.cdist(space.embed(x0), torch.tensor([new.centroid]))[:, 0]
+    assert torch.allclose(later.distances[:, 3], expect, atol=1e-4)
+
+    # the router was trained on experts 0..2: router policies refuse, or fall back
+    with pytest.raises(RequestError, match=r"ddm submit --router.*router_fallback") as e:
+        planning.plan(SampleRequest(strategy="top-2"), experts, experts.expert_set, Limits())
+    assert e.value.field == "strategy" and "expert-003" in str(e.value)
+    fallback = planning.plan(
+        SampleRequest(strategy="top-2", router_fallback="nearest-centroid"),
+        experts,
+        experts.expert_set,
+        Limits(),
+    )
+    assert (fallback.policy.name, fallback.fallback_from) == ("nearest-centroid", "top-2")
+    with pytest.raises(DDMError, match="pairs expert k with cluster k"):
+        preflight(AnalyzeConfig(store=home, out=str(tmp_path)), open_store(home))
+
+    # --- remove: ids stay, the gap is never routed to -----------------------------------
+    removed = run_ddm_in_process("experts", "remove", "--store", home, "expert-001")
+    assert removed.returncode == 0, removed.stderr
+    experts = LocalExperts(home)
+    assert experts.expert_set.ids == [0, 2, 3] and experts.expert_set.absent == {1}
+    uniform = planning.plan(
+        SampleRequest(n=2, steps=3, strategy="uniform", seed=1),
+        experts,
+        experts.expert_set,
+        Limits(),
+    )
+    out = sample(
+        experts,
+        experts.router,
+        uniform.policy,
+        initial_noise(2, experts.state_shape, 1),
+        time_grid(3),
+        expert_ids=uniform.experts.ids,
+        num_experts=uniform.experts.width,
+    )
+    assert out.expert_calls == [3, 0, 3, 3] and out.experts_per_step == 3
+    registry = load_registry(open_store(home), manifest)
+    assert [r.id for r in registry.removed] == [1] and registry.next_id == 4
+
+    # without the copied expert the router covers the set again: top-2 over experts 0 and 2
+    assert run_ddm_in_process("experts", "remove", "--store", home, "3").returncode == 0
+    experts = LocalExperts(home)
+    assert experts.expert_set.router_covers and experts.expert_set.width == K
+    top2 = planning.plan(
+        SampleRequest(n=3, steps=3, strategy="top-2", seed=2), experts, experts.expert_set, Limits()
+    )
+    routed = sample(
+        experts,
+        experts.router,
+        top2.policy,
+        initial_noise(3, experts.state_shape, 2),
+        time_grid(3),
+        expert_ids=top2.experts.ids,
+        num_experts=top2.experts.width,
+        trace=True,
+    )
+    assert routed.expert_calls[1] == 0
+    for step in routed.trace:  # both others on every row, weighted by renormalised probs
+        probs = step.probs[:, [0, 2]] / step.probs[:, [0, 2]].sum(1, keepdim=True)
+        dense = step.decision.dense(K)
+        assert torch.allclose(dense[:, [0, 2]], probs, atol=1e-5)
+        assert dense[:, 1].abs().max() == 0
+    assert run_ddm_in_process("experts", "remove", "--store", home, "0").returncode == 0
+    assert "last expert" in _fails(home, "remove", "--store", home, "expert-002")
