@@ -482,3 +482,114 @@ def test_prometheus_sees_every_serving_series(served, prometheus):
     assert {r["metric"]["expert"] for r in degraded} == {"expert-002"}
     batch = _query(prometheus, "max(ray_ddm_serve_batch_requests_bucket{le='1.0'})")
     assert batch, "no batch-size histogram"
+
+
+def _serving(url: str) -> dict:
+    return httpx.get(f"{url}/v1/experts", headers=AUTH, timeout=10).json()
+
+
+def _until(check, timeout_s: float, what: str) -> float:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what} within {timeout_s} s"
+        time.sleep(0.5)
+    return time.monotonic()
+
+
+def _deployments(env: dict) -> set[str]:
+    out = _ray_python(
+        env,
+        "from ray import serve\nprint(','.join(serve.status().applications['ddm'].deployments))\n",
+    )
+    return set(out.strip().split(","))
+
+
+def test_experts_added_and_removed_live_under_load(served, store, ray_head, tmp_path_factory):
+    """Eight clients sample without pause while `ddm experts add --from` brings in an
+    expert trained on other data (another clustering of digits), then `ddm experts remove`
+    takes one out: zero failed requests; every request samples with one whole set, the
+    one it was admitted with; requests admitted after the add use the new expert under
+    nearest-centroid (and top-2 falls back to it, as asked), and after the removal none
+    calls the removed one, whose deployment stays up for the requests admitted before."""
+    other = build_tiny_ddm(tmp_path_factory.mktemp("elsewhere") / "store", 2, SIZE)
+    old = [f"expert-{k:03d}" for k in range(K)]
+    added, after = [*old, "expert-004"], ["expert-000", "expert-001", "expert-003", "expert-004"]
+    assert (
+        _serving(served)["registry"] == ""
+        and [e["name"] for e in _serving(served)["experts"]] == old
+    )
+    done: list[tuple[float, float, int, dict | str]] = []
+    stop = False
+
+    def client(c: int) -> None:
+        with httpx.Client(timeout=120) as http:
+            r = 0
+            while not stop:
+                body = {
+                    "n": 2,
+                    "steps": 20,
+                    "strategy": "nearest-centroid" if c % 2 else "top-2",
+                    "router_fallback": "nearest-centroid",
+                    "seed": 1000 * c + r,
+                }
+                start = time.monotonic()
+                reply = http.post(f"{served}/v1/samples", json=body, headers=AUTH)
+                answer = reply.json() if reply.status_code == 200 else reply.text
+                done.append((start, time.monotonic(), reply.status_code, answer))
+                r += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        clients = [pool.submit(client, c) for c in range(8)]
+        time.sleep(3)
+        add = run_ddm("experts", "add", "--store", store, "--from", f"{other}/experts/expert-001")
+        assert add.returncode == 0, add.stderr
+        wrote = time.monotonic()
+        live = _until(
+            lambda: [e["name"] for e in _serving(served)["experts"]] == added,
+            120,
+            "the added expert served",
+        )
+        assert _serving(served)["router_current"] is False
+        time.sleep(5)
+        remove = run_ddm("experts", "remove", "--store", store, "expert-002")
+        assert remove.returncode == 0, remove.stderr
+        asked = time.monotonic()
+        gone = _until(
+            lambda: [e["name"] for e in _serving(served)["experts"]] == after,
+            60,
+            "the removal served",
+        )
+        time.sleep(5)
+        stop = True
+        for c in clients:
+            c.result()
+    failed = [(code, answer) for _, _, code, answer in done if code != 200]
+    assert not failed, failed[:3]
+    figures = {
+        "requests": len(done),
+        "add_to_served_s": round(live - wrote, 1),
+        "remove_to_served_s": round(gone - asked, 1),
+        "longest_request_s": round(max(end - start for start, end, *_ in done), 1),
+    }
+    print(json.dumps(figures))  # for the record (pytest -s), not asserted
+    sets = {tuple(a["experts"]) for *_, a in done}
+    assert sets == {tuple(old), tuple(added), tuple(after)}, sets
+    for start, _end, _, a in done:
+        calls = a["usage"]["expert_calls"]
+        assert sorted(calls) == a["experts"]  # counted over its own set only
+        if start < wrote:  # admitted before the registry changed
+            assert a["experts"] == old
+        if live < start < asked:  # admitted with the added expert
+            assert a["experts"] == added
+            assert a["strategy"] == "nearest-centroid" and calls["expert-004"] >= 1
+            assert a["fallback_from"] in (None, "top-2")
+        if start > gone:
+            assert a["experts"] == after and "expert-002" not in calls
+    # requests in flight across each change finished on the set they were admitted with
+    assert any(a["experts"] == old and end > live for _, end, _, a in done)
+    assert any(a["experts"] == added and end > gone for _, end, _, a in done)
+    # the removed expert's deployment stays for requests admitted before (retire_after_s)
+    assert {"expert-002", "expert-004", "experts", "router"} <= _deployments(ray_head)
+    listing = json.loads(run_ddm("experts", "list", "--store", store, "--json").stdout)
+    assert [r["name"] for r in listing["experts"]] == after
+    assert [r["name"] for r in listing["removed"]] == ["expert-002"]
