@@ -178,7 +178,7 @@ def experts_list(
     if as_json:
         print(json.dumps(listing))
         return
-    print(f"{listing['store']} (registry: {listing['registry']})")
+    print(f"{listing['store']} (registry: {listing['registry']}, sha256 {listing['sha256']})")
     for row in listing["experts"]:
         where = row["provenance"].get("uri", "trained here")
         version = row.get("sha256", row.get("error", ""))[:12]
@@ -212,6 +212,17 @@ def experts_add(
         f"added {card.name} ({card.arch}/{card.prediction}, manifest {card.sha256[:12]}...) "
         f"from {source}; centroid from {used} of its training images"
     )
+    _registry_changed(store)
+
+
+def _registry_changed(store: str) -> None:
+    from ddm_nodes.registry import registry_sha256
+    from ddm_nodes.store import open_store
+
+    print(
+        f"registry sha256 {registry_sha256(open_store(store))}: a running `ddm serve` picks "
+        "it up; with a Serve config, set args.registry to it and `serve deploy`"
+    )
 
 
 @command(experts_app, "remove")
@@ -225,6 +236,7 @@ def experts_remove(
 
     entry = remove(store, expert)
     print(f"removed {entry.name} from the DDM (its checkpoint stays in the store)")
+    _registry_changed(store)
 
 
 cluster_app = typer.Typer(no_args_is_help=True, help="A local Ray head on loopback.")

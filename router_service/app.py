@@ -30,6 +30,7 @@ from ray.serve import Application
 
 from ddm_nodes import __version__
 from ddm_nodes.dataset_manifest import DatasetManifest
+from ddm_nodes.errors import ManifestError
 from ddm_nodes.pretrained import verify_pinned
 from ddm_nodes.registry import load_registry
 from ddm_nodes.store import open_store
@@ -49,6 +50,12 @@ def build_app(args: dict | AppArgs) -> Application:
     # each trained on the data its registry entry names, at the data's shape; the versions
     # found now are what every replica loads and the router advertises
     cards, version = registry_cards(store, manifest)
+    if cfg.registry is not None and cfg.registry != (version or "default"):
+        raise ManifestError(
+            f"args.registry is {cfg.registry[:12]}... but {store.uri}'s expert registry is "
+            f"now {(version or 'default')[:12]}...: set registry to what `ddm experts list` "
+            "prints (or leave it out to deploy whatever the store lists)"
+        )
     retiring = [
         expert_card(store, manifest, e)
         for e in load_registry(store, manifest).retiring(cfg.retire_after_s)

@@ -120,6 +120,13 @@ class AppArgs(BaseModel):
     expert_retries: int = Field(2, ge=0, le=10, description="retries after a replica died")
     expert_down_for_s: float = Field(5, ge=0, description="how long an expert stays down")
     health_check_period_s: float = Field(10, gt=0, description="Serve replica health checks")
+    registry: str | None = Field(
+        None,
+        pattern=r"^(default|[0-9a-f]{64})$",
+        description="the expert registry to deploy: the sha256 `ddm experts add|remove` "
+        "print ('default': no experts.json); any other registry is refused. In a Serve "
+        "config, changing it is what makes `serve deploy` build the app again",
+    )
     retire_after_s: float = Field(
         900,
         ge=0,

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -260,6 +261,16 @@ def ddm_serving(store: str | Path, env: dict, folder: Path, *args: str) -> Itera
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+class BindRecorder:
+    """Stands in for a Serve deployment: records the options and arguments it is bound with."""
+
+    def __init__(self):
+        self.bound: list[tuple[dict, tuple]] = []
+
+    def options(self, **options):
+        return SimpleNamespace(bind=lambda *args: self.bound.append((options, args)) or args)
 
 
 # one ε-prediction DiT and velocity UNets: a heterogeneous DDM (ExpertSpec.prediction)

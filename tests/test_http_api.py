@@ -17,12 +17,11 @@ import io
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
-from conftest import build_tiny_ddm
+from conftest import BindRecorder, build_tiny_ddm
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -948,16 +947,6 @@ def test_readiness_and_expert_health_follow_the_backend(experts):
 # --- the expert deployment's class, driven without Serve ----------------------------------
 
 
-class _Recorder:
-    """Stands in for a Serve deployment: records the options and arguments it is bound with."""
-
-    def __init__(self):
-        self.bound: list[tuple[dict, tuple]] = []
-
-    def options(self, **options):
-        return SimpleNamespace(bind=lambda *args: self.bound.append((options, args)) or args)
-
-
 def _unversioned(options: dict) -> dict:
     return {k: v for k, v in options.items() if k not in ("version", "_internal")}
 
@@ -967,7 +956,7 @@ def test_the_app_arguments_reach_every_replica_whole(store, monkeypatch):
     fields): what each replica parses equals what `ddm serve` was given."""
     import router_service.app as app_module
 
-    experts, roster, router = _Recorder(), _Recorder(), _Recorder()
+    experts, roster, router = BindRecorder(), BindRecorder(), BindRecorder()
     monkeypatch.setattr(app_module, "ExpertServer", experts)
     monkeypatch.setattr(app_module, "ExpertRoster", roster)
     monkeypatch.setattr(app_module, "RouterServer", router)

@@ -7,23 +7,27 @@ change under load through `ddm serve` is in test_serve.py."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_ddm, run_ddm, run_ddm_in_process
+from conftest import BindRecorder, build_tiny_ddm, run_ddm, run_ddm_in_process
 
 from cluster_jobs.analysis.analyze import preflight
 from cluster_jobs.analysis.config import AnalyzeConfig
 from cluster_jobs.data.shards import cluster_dataset
 from ddm_nodes.checkpoint import open_checkpoint
 from ddm_nodes.dataset_manifest import DatasetManifest
-from ddm_nodes.errors import DDMError
+from ddm_nodes.errors import DDMError, ManifestError
 from ddm_nodes.features import FeatureSpace
 from ddm_nodes.names import expert_prefix
-from ddm_nodes.registry import REGISTRY_KEY, load_registry
+from ddm_nodes.registry import REGISTRY_KEY, load_registry, registry_sha256
 from ddm_nodes.store import open_store
 from router_service import planning
+from router_service.app import build_app
+from router_service.app_config import RouterConfig
+from router_service.expert_set import ExpertCard
 from router_service.local_experts import LocalExperts
 from router_service.sampler import initial_noise, sample, time_grid
 from router_service.schemas import Limits, RequestError, SampleRequest
@@ -61,13 +65,35 @@ def _fails(store: str, *args: str) -> str:
     return lines[0]
 
 
+def names(k: int) -> list[str]:
+    return [f"expert-{i:03d}" for i in range(k)]
+
+
+def _deployed(store: str, monkeypatch, registry: str | None = None) -> list[ExpertCard]:
+    """The expert deployments build_app binds, and check the router's user_config (the
+    set it serves) is the registry's."""
+    import router_service.app as app_module
+
+    experts, roster, router = BindRecorder(), BindRecorder(), BindRecorder()
+    for name, fake in (
+        ("ExpertServer", experts),
+        ("ExpertRoster", roster),
+        ("RouterServer", router),
+    ):
+        monkeypatch.setattr(app_module, name, fake)
+    app_module.build_app({"store": store, "registry": registry})
+    served = RouterConfig.model_validate(router.bound[0][0]["user_config"])
+    assert served.experts == LocalExperts(store).cards
+    return [ExpertCard.model_validate_json(args[1]) for _, args in experts.bound]
+
+
 def _centroid_of(source: str, cluster: int, space: FeatureSpace) -> torch.Tensor:
     """Re-derived: the mean feature of every training image of the source cluster."""
     images = torch.stack([s["image"] for s in cluster_dataset(source, cluster, "train")])
     return space.embed(images).double().mean(0).float()
 
 
-def test_experts_add_from_remove_and_sampling_over_sparse_ids(stores, tmp_path):
+def test_experts_add_from_remove_and_sampling_over_sparse_ids(stores, tmp_path, monkeypatch):
     home, other = stores
     listing = _listing(home)
     assert listing["registry"] == "default"
@@ -103,6 +129,13 @@ def test_experts_add_from_remove_and_sampling_over_sparse_ids(stores, tmp_path):
     listed = {r["name"]: r for r in _listing(home)["experts"]}
     assert listed["expert-003"]["centroid"] == f"{space.centroids.shape[1]}-d"
     assert listed["expert-003"]["sha256"] == src_ckpt.manifest_sha256
+
+    # a Serve config pins the registry it deploys: the sha256 `ddm experts add` printed
+    sha = registry_sha256(open_store(home))
+    assert f"registry sha256 {sha}" in added.stdout
+    with pytest.raises(ManifestError, match=r"args.registry.*ddm experts list"):
+        build_app({"store": home, "registry": "default"})
+    assert [c.name for c in _deployed(home, monkeypatch, sha)] == [*names(4)]
 
     experts = LocalExperts(home)
     assert experts.expert_set.ids == [0, 1, 2, 3] and not experts.expert_set.router_covers
@@ -173,6 +206,10 @@ def test_experts_add_from_remove_and_sampling_over_sparse_ids(stores, tmp_path):
     assert out.expert_calls == [3, 0, 3, 3] and out.experts_per_step == 3
     registry = load_registry(open_store(home), manifest)
     assert [r.id for r in registry.removed] == [1] and registry.next_id == 4
+    # the removed expert's deployment stays for retire_after_s, then the next build drops it
+    assert [c.name for c in _deployed(home, monkeypatch)] == names(4)
+    later = registry.removed[0].removed_at + timedelta(seconds=901)
+    assert [e.id for e in registry.retiring(900)] == [1] and not registry.retiring(900, later)
 
     # without the copied expert the router covers the set again: top-2 over experts 0 and 2
     assert run_ddm_in_process("experts", "remove", "--store", home, "3").returncode == 0

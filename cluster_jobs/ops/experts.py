@@ -45,6 +45,7 @@ from ddm_nodes.registry import (
     Provenance,
     Registry,
     load_registry,
+    registry_sha256,
     save_registry,
 )
 from ddm_nodes.store import Store, open_store
@@ -82,6 +83,7 @@ def list_experts(store_uri: str) -> dict:
     return {
         "store": store.uri,
         "registry": store.url(REGISTRY_KEY) if store.exists(REGISTRY_KEY) else "default",
+        "sha256": registry_sha256(store) or "default",
         "experts": rows,
         "removed": [
             {"id": r.id, "name": r.expert.name, "removed_at": r.removed_at.isoformat()}
