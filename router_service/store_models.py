@@ -117,10 +117,15 @@ def _expert_checkpoint(
 
 
 def load_expert(
-    store: Store, manifest: DatasetManifest, card: ExpertCard, device: str | torch.device = "cpu"
+    store: Store,
+    manifest: DatasetManifest,
+    card: ExpertCard | int,
+    device: str | torch.device = "cpu",
 ) -> Expert:
-    """The expert `card` describes, exactly the version it pins, verified, in eval mode on
-    `device`."""
+    """The expert `card` describes, exactly the version it pins (an id: the registry's
+    expert of that id, its published version), verified, in eval mode on `device`."""
+    if isinstance(card, int):
+        card = expert_card(store, manifest, card)
     ckpt, spec = _expert_checkpoint(store, manifest, card, card)
     expert = Expert.create(spec)
     recorded = _config_fields(json.loads(fetch_verified(store, ckpt, CONFIG_FILE)))
@@ -150,9 +155,14 @@ def _config_fields(config: dict) -> dict:
     return {k: v for k, v in json.loads(json.dumps(config)).items() if not k.startswith("_")}
 
 
-def expert_card(store: Store, manifest: DatasetManifest, entry: ExpertEntry) -> ExpertCard:
-    """A registry entry's identity card: its published version's manifest and training.json
-    (both verified)."""
+def expert_card(store: Store, manifest: DatasetManifest, entry: ExpertEntry | int) -> ExpertCard:
+    """A registry entry's (or the registry's expert of that id's) identity card: its
+    published version's manifest and training.json (both verified)."""
+    if isinstance(entry, int):
+        registry = load_registry(store, manifest)
+        if entry not in registry.ids:
+            raise ManifestError(f"expert id {entry} is not one of {store.uri}'s {registry.ids}")
+        entry = registry.entry(entry)
     ckpt, spec = _expert_checkpoint(store, manifest, entry)
     return ExpertCard(
         id=entry.id,

@@ -239,15 +239,15 @@ def test_replicas_load_the_pinned_version_or_refuse(store_copy):
     store = open_store(store_copy)
     manifest = DatasetManifest.load(store)
     card = expert_card(store, manifest, 0)
-    old = load_expert(store, manifest, 0, card=card)
+    old = load_expert(store, manifest, card)
     train_local(_expert_cfg(store_copy, steps=6))  # a new version is published
     assert expert_card(store, manifest, 0).sha256 != card.sha256
-    again = load_expert(store, manifest, 0, card=card)  # a replica restarting later
+    again = load_expert(store, manifest, card)  # a replica restarting later
     for a, b in zip(old.state_dict().values(), again.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same file, bit for bit
     train_local(_expert_cfg(store_copy, steps=9))  # two versions on: the pinned one is gone
     with pytest.raises(IntegrityError, match="deploy again"):
-        load_expert(store, manifest, 0, card=card)
+        load_expert(store, manifest, card)
     listed = {k.split("/")[3] for k in store.list(f"{expert_prefix(0)}/versions/")}
     assert len(listed) == 2  # the current version and the one it replaced
 
