@@ -87,6 +87,22 @@ def _deployed(store: str, monkeypatch, registry: str | None = None) -> list[Expe
     return [ExpertCard.model_validate_json(args[1]) for _, args in experts.bound]
 
 
+def _sampled(experts: LocalExperts, request: SampleRequest, trace: bool = False):
+    """Plan `request` against the store's current set and sample it in-process."""
+    p = planning.plan(request, experts, experts.expert_set, Limits())
+    return p, sample(
+        experts,
+        experts.router,
+        p.policy,
+        initial_noise(request.n, experts.state_shape, request.seed),
+        time_grid(request.steps),
+        features=p.experts.features,
+        expert_ids=p.experts.ids,
+        num_experts=p.experts.width,
+        trace=trace,
+    )
+
+
 def _centroid_of(source: str, cluster: int, space: FeatureSpace) -> torch.Tensor:
     """Re-derived: the mean feature of every training image of the source cluster."""
     images = torch.stack([s["image"] for s in cluster_dataset(source, cluster, "train")])
@@ -146,22 +162,8 @@ def test_experts_add_from_remove_and_sampling_over_sparse_ids(stores, tmp_path, 
 
     # nearest-centroid reaches it: the first step is uniform over all four, later ones
     # route by distances whose column 3 is the distance to its stored centroid
-    p = planning.plan(
-        SampleRequest(n=6, steps=4, strategy="nearest-centroid", seed=3),
-        experts,
-        experts.expert_set,
-        Limits(),
-    )
-    result = sample(
-        experts,
-        experts.router,
-        p.policy,
-        initial_noise(6, experts.state_shape, 3),
-        time_grid(4),
-        features=p.experts.features,
-        expert_ids=p.experts.ids,
-        num_experts=p.experts.width,
-        trace=True,
+    _, result = _sampled(
+        experts, SampleRequest(n=6, steps=4, strategy="nearest-centroid", seed=3), trace=True
     )
     assert result.expert_calls[3] >= 1 and result.trace[0].decision.counts().tolist() == [4] * 6
     later = result.trace[2]
@@ -188,21 +190,7 @@ def test_experts_add_from_remove_and_sampling_over_sparse_ids(stores, tmp_path, 
     assert removed.returncode == 0, removed.stderr
     experts = LocalExperts(home)
     assert experts.expert_set.ids == [0, 2, 3] and experts.expert_set.absent == {1}
-    uniform = planning.plan(
-        SampleRequest(n=2, steps=3, strategy="uniform", seed=1),
-        experts,
-        experts.expert_set,
-        Limits(),
-    )
-    out = sample(
-        experts,
-        experts.router,
-        uniform.policy,
-        initial_noise(2, experts.state_shape, 1),
-        time_grid(3),
-        expert_ids=uniform.experts.ids,
-        num_experts=uniform.experts.width,
-    )
+    _, out = _sampled(experts, SampleRequest(n=2, steps=3, strategy="uniform", seed=1))
     assert out.expert_calls == [3, 0, 3, 3] and out.experts_per_step == 3
     registry = load_registry(open_store(home), manifest)
     assert [r.id for r in registry.removed] == [1] and registry.next_id == 4
@@ -215,19 +203,7 @@ def test_experts_add_from_remove_and_sampling_over_sparse_ids(stores, tmp_path, 
     assert run_ddm_in_process("experts", "remove", "--store", home, "3").returncode == 0
     experts = LocalExperts(home)
     assert experts.expert_set.router_covers and experts.expert_set.width == K
-    top2 = planning.plan(
-        SampleRequest(n=3, steps=3, strategy="top-2", seed=2), experts, experts.expert_set, Limits()
-    )
-    routed = sample(
-        experts,
-        experts.router,
-        top2.policy,
-        initial_noise(3, experts.state_shape, 2),
-        time_grid(3),
-        expert_ids=top2.experts.ids,
-        num_experts=top2.experts.width,
-        trace=True,
-    )
+    _, routed = _sampled(experts, SampleRequest(n=3, steps=3, strategy="top-2", seed=2), trace=True)
     assert routed.expert_calls[1] == 0
     for step in routed.trace:  # both others on every row, weighted by renormalised probs
         probs = step.probs[:, [0, 2]] / step.probs[:, [0, 2]].sum(1, keepdim=True)

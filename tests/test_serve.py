@@ -488,10 +488,11 @@ def _serving(url: str) -> dict:
     return httpx.get(f"{url}/v1/experts", headers=AUTH, timeout=10).json()
 
 
-def _until(check, timeout_s: float, what: str) -> float:
+def _until_serving(url: str, names: list[str], timeout_s: float) -> float:
+    """When GET /v1/experts first lists exactly `names`."""
     deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"{what} within {timeout_s} s"
+    while [e["name"] for e in _serving(url)["experts"]] != names:
+        assert time.monotonic() < deadline, f"{names} not served within {timeout_s} s"
         time.sleep(0.5)
     return time.monotonic()
 
@@ -544,21 +545,13 @@ def test_experts_added_and_removed_live_under_load(served, store, ray_head, tmp_
         add = run_ddm("experts", "add", "--store", store, "--from", f"{other}/experts/expert-001")
         assert add.returncode == 0, add.stderr
         wrote = time.monotonic()
-        live = _until(
-            lambda: [e["name"] for e in _serving(served)["experts"]] == added,
-            120,
-            "the added expert served",
-        )
+        live = _until_serving(served, added, 120)
         assert _serving(served)["router_current"] is False
         time.sleep(5)
         remove = run_ddm("experts", "remove", "--store", store, "expert-002")
         assert remove.returncode == 0, remove.stderr
         asked = time.monotonic()
-        gone = _until(
-            lambda: [e["name"] for e in _serving(served)["experts"]] == after,
-            60,
-            "the removal served",
-        )
+        gone = _until_serving(served, after, 60)
         time.sleep(5)
         stop = True
         for c in clients:
