@@ -13,11 +13,11 @@ a replica. The expert versions found here are pinned: every replica, including o
 restarted later, loads exactly the manifest hash the router advertises, or fails and is
 reported unavailable.
 
-Built again after `ddm experts add|remove` (`serve deploy`, or the watching `ddm serve`),
-the app changes in place: an added expert's deployment starts, the router's user_config
-takes the new set (requests in flight keep theirs), and a removed expert's deployment
-stays for `retire_after_s`, until the requests admitted with it are done; the first
-deploy after that stops it.
+Built again after `ddm experts add|remove` or a router retrained (`serve deploy`, or the
+watching `ddm serve`), the app changes in place: an added expert's deployment starts, the
+router's user_config takes the new set and router version (requests in flight keep
+theirs), and a removed expert's deployment stays for `retire_after_s`, until the requests
+admitted with it are done; the first deploy after that stops it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ddm_nodes.registry import load_registry
 from ddm_nodes.store import open_store
 from router_service.app_config import AppArgs, RouterConfig
 from router_service.deployments import DecoderServer, ExpertRoster, ExpertServer, RouterServer
-from router_service.store_models import expert_card, registry_cards
+from router_service.store_models import expert_card, load_router, registry_cards
 
 APP_NAME = "ddm"
 
@@ -76,7 +76,8 @@ def build_app(args: dict | AppArgs) -> Application:
         decoder = DecoderServer.options(**options).bind(args_json)
     names = [card.name for card in sorted([*cards, *retiring], key=lambda c: c.id)]
     roster = ExpertRoster.options(**_versioned(cfg.roster_options(), *names)).bind(*experts)
-    config = RouterConfig(experts=cards, registry=version)
+    router = load_router(store, manifest)  # checked now; replicas load this version
+    config = RouterConfig(experts=cards, registry=version, router=router and router.pin)
     options = _versioned(cfg.router_options(config), args_json)
     return RouterServer.options(**options).bind(args_json, roster, decoder)
 

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ddm_nodes.names import expert_name
-from router_service.expert_set import ExpertCard
+from router_service.expert_set import ExpertCard, RouterPin
 from router_service.policies import get_policy
 from router_service.schemas import DEFAULT_ALLOWED_HOSTS, Limits
 from router_service.step_batcher import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_S
@@ -54,13 +54,14 @@ class BatchConfig(BaseModel):
 
 
 class RouterConfig(BaseModel):
-    """The router's `user_config`: the expert set build_app found, which `serve deploy` of
-    a changed registry replaces in place."""
+    """The router's `user_config`: the expert set and router version build_app found, which
+    `serve deploy` of a changed registry (or a retrained router) replaces in place."""
 
     model_config = ConfigDict(extra="forbid")
 
     experts: list[ExpertCard] = Field(min_length=1)
     registry: str = Field("", description="sha256 of experts.json ('': the default registry)")
+    router: RouterPin | None = Field(None, description="the router version (None: none)")
 
 
 class AppArgs(BaseModel):

@@ -154,7 +154,8 @@ class RouterServer:
         to the running service."""
         given = RouterConfig.model_validate(config)
         if self.models is not None:
-            current_service().offer(self.models.expert_set_of(given.experts, given.registry))
+            offered = self.models.expert_set_of(given.experts, given.registry, given.router)
+            current_service().offer(offered)
             return
         cfg = self.cfg
         metrics = RouterMetrics()
@@ -166,7 +167,9 @@ class RouterServer:
             metrics,
             lookup=self._handle,
         )
-        self.models = StoreModels(cfg.store, cards=given.experts, registry_version=given.registry)
+        self.models = StoreModels(
+            cfg.store, cards=given.experts, registry_version=given.registry, router=given.router
+        )
         decoder = self.decoder
         install_service(
             SamplingService(

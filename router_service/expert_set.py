@@ -10,15 +10,17 @@ request that selected it, whichever set it came with.
 The set also says what can route it:
 - nearest-centroid: always, by each expert's centroid in the store's feature space (an
   added expert's is in its card), so a new expert is routed to from its first request;
-- the router policies: only when the router's outputs cover every id of the set (it was
-  trained on this store's clusters 0..K-1; removing an expert keeps it usable, adding one
-  does not until a router is trained on the new set).
+- the router policies: only when the set's router was trained on every id of the set
+  (removing an expert keeps a router usable; adding one does not until `ddm submit
+  --router` trains one on the new set, which the service then swaps in for the requests
+  admitted from then on).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -49,11 +51,30 @@ class ExpertCard(BaseModel):
     source: str = "trained"  # provenance: trained here, or copied
 
 
+class RouterPin(BaseModel):
+    """The router version a deployment serves: its checkpoint folder and manifest sha256."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    folder: str
+    sha256: str
+
+
+class Router(Protocol):
+    """logits = router(x_t, t), (N, width), over the expert ids it was trained on."""
+
+    width: int
+    ids: frozenset[int]
+    pin: RouterPin
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True, eq=False)
 class ExpertSet:
     cards: tuple[ExpertCard, ...]  # ascending id
     features: Features | None  # distances (N, width) to each id's centroid
-    router_width: int | None  # the router's outputs (ids 0..router_width-1); None: no router
+    router: Router | None  # the router the requests of this set route with; None: none
     width: int  # the sampler's K: ids run 0..width-1 (the router's when it covers the set)
     version: str = ""  # the registry's sha256 it came from ("": the default one)
 
@@ -63,13 +84,13 @@ class ExpertSet:
         cards: list[ExpertCard],
         space: FeatureSpace | None,
         codec: LatentCodec | None,
-        router_width: int | None,
+        router: Router | None,
         version: str = "",
     ) -> ExpertSet:
         cards = sorted(cards, key=lambda c: c.id)
         width = cards[-1].id + 1
-        if router_width is not None and width <= router_width:
-            width = router_width  # the router's outputs are ids 0..router_width-1
+        if router is not None and {c.id for c in cards} <= router.ids:
+            width = router.width  # the router's outputs are ids 0..router.width-1
         features = None
         if space is not None:
             centroids = torch.zeros(width, space.centroids.shape[1])
@@ -77,7 +98,7 @@ class ExpertSet:
                 centroids[c.id] = _centroid(c, space)
             own = FeatureSpace(space.extractor, centroids, space.metric)
             features = own if codec is None else DecodedFeatures(own, codec)
-        return cls(tuple(cards), features, router_width, width, version)
+        return cls(tuple(cards), features, router, width, version)
 
     @cached_property
     def ids(self) -> list[int]:
@@ -94,8 +115,13 @@ class ExpertSet:
 
     @property
     def router_covers(self) -> bool:
-        """Whether the router's outputs cover every expert of the set."""
-        return self.router_width is not None and self.width <= self.router_width
+        """Whether the router was trained on every expert of the set."""
+        return self.router is not None and set(self.ids) <= self.router.ids
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        """What makes two sets the same: the registry and the router version."""
+        return self.version, None if self.router is None else self.router.pin.sha256
 
     @property
     def conditional(self) -> bool:

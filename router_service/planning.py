@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddm_nodes.names import expert_name
 from router_service.expert_set import ExpertSet
 from router_service.policies import Policy, RoutingError, get_policy
 from router_service.sampler import (
@@ -172,7 +173,7 @@ def plan(
         policy = get_policy(name, temperature=request.temperature)
     except RoutingError as e:
         raise RequestError("temperature", str(e)) from None
-    if policy.needs == "router" and models.router is None:
+    if policy.needs == "router" and experts.router is None:
         raise RequestError(
             "strategy",
             f"{policy.name!r} needs a router and the store has none; use uniform or "
@@ -183,9 +184,9 @@ def plan(
         if request.router_fallback == "refuse":
             raise RequestError(
                 "strategy",
-                f"{policy.name!r} routes with the router, which was trained on experts "
-                f"0..{experts.router_width - 1}, and the DDM now has "
-                f"{', '.join(experts.names)}: train a router on the current set "
+                f"{policy.name!r} routes with the router, which was trained on "
+                f"{', '.join(expert_name(k) for k in sorted(experts.router.ids))}, and the "
+                f"DDM now has {', '.join(experts.names)}: train a router on the current set "
                 "(`ddm submit --router --force`), or ask for router_fallback "
                 "'nearest-centroid' or strategy nearest-centroid",
             )
@@ -220,7 +221,7 @@ async def run(
     labels = None if p.label is None else torch.full((r.n,), p.label, dtype=torch.long)
     return await sample_async(
         experts,
-        models.router,
+        p.experts.router,
         p.policy,
         initial_noise(r.n, models.state_shape, p.seed),
         time_grid(r.steps),

@@ -257,6 +257,7 @@ class RoutedVelocity:
     then merges and keeps the run's counters."""
 
     batcher: StepBatcher
+    router: Router | None
     policy: Policy
     features: Features | None
     clusters: torch.Tensor | None
@@ -289,6 +290,7 @@ class RoutedVelocity:
                     x=x,
                     t=t,
                     policy=self.policy,
+                    router=self.router,
                     num_experts=K,
                     labels=self.labels,
                     guidance=self.guidance,
@@ -413,8 +415,8 @@ async def sample_async(
     on_evaluation   called with an EvaluationStats after every routed evaluation
     decoder   a latent DDM's VAE: the final states are decoded ONCE, into `images`
     batcher   the StepBatcher this run's evaluations join, shared with concurrent runs
-              (the Serve router's); it must be over these `experts` and `router`. None: a
-              batcher of this run alone
+              (the Serve router's); it must call these `experts` (its router forwards
+              group the runs by their own `router`). None: a batcher of this run alone
     expert_ids  the experts of the DDM, by stable id (expert_set.py); ids below K that are
               not listed are never routed to. None: every id 0..K-1
     num_experts  K, the width of the routing decisions (and of the router's outputs);
@@ -455,11 +457,12 @@ async def sample_async(
     policy.check_experts(num_experts - len(absent))
     if batcher is None:
         batcher = StepBatcher(experts, router, window_s=DEFAULT_WINDOW_S)
-    elif batcher.experts is not experts or batcher.router != router:  # == for bound methods
-        raise ValueError("the batcher routes other experts or another router than this run's")
+    elif batcher.experts is not experts:
+        raise ValueError("the batcher calls other experts than this run's")
 
     velocity = RoutedVelocity(
         batcher=batcher,
+        router=router,
         policy=policy,
         features=features,
         clusters=clusters,

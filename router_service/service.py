@@ -231,9 +231,10 @@ class SamplingService:
         return Sampled(plan, result, timing)
 
     def offer(self, expert_set: ExpertSet) -> None:
-        """A new expert set (the registry changed): requests admitted from when it is
-        served (`current_set`) sample with it; those admitted before keep theirs."""
-        if expert_set.version == self.expert_set.version and self.pending is None:
+        """A new expert set (the registry changed, or a router was swapped in): requests
+        admitted from when it is served (`current_set`) sample with it; those admitted
+        before keep theirs."""
+        if expert_set.key == self.expert_set.key and self.pending is None:
             return
         self.pending = expert_set
 
@@ -340,7 +341,7 @@ class SamplingService:
             )
         return ExpertsResponse(
             experts=rows,
-            router=self.models.router is not None,
+            router=served.router is not None,
             router_current=served.router_covers,
             registry=served.version,
             pending=None if self.pending is None else self.pending.names,

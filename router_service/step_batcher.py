@@ -5,9 +5,10 @@ Every run of the sampler submits each velocity evaluation, an `Evaluation`, to a
 run that joined it into a tick and, per tick:
 
     route     ONE router forward over the concatenated states of every evaluation whose
-              policy (or trace) needs probabilities; ONE feature-space call per feature
-              space for nearest-centroid's x̂_0; then each evaluation's own policy on its
-              own rows (a policy that fails fails only its evaluation)
+              policy (or trace) needs probabilities (one per router while a swapped-in
+              router and the one before it both have runs in flight); ONE feature-space
+              call per feature space for nearest-centroid's x̂_0; then each evaluation's
+              own policy on its own rows (a policy that fails fails only its evaluation)
     group     the rows of every evaluation by selected expert
     dispatch  ONE `experts.predict` call per selected expert, all gathered concurrently
               (classifier-free guidance: an evaluation's rows go twice, with its labels and
@@ -107,6 +108,7 @@ class Evaluation:
     t: torch.Tensor  # (n,)
     policy: Policy
     num_experts: int
+    router: Router | None = None  # its run's (None: the batcher's)
     labels: torch.Tensor | None = None  # (n,) long
     guidance: float = 1.0
     features: Features | None = None
@@ -295,18 +297,28 @@ class StepBatcher:
             )
 
     async def _router_probs(self, items: list[Evaluation]) -> dict[int, torch.Tensor]:
-        """Router probabilities for the evaluations that need them, in one forward."""
-        if self.router is None:
-            return {}
-        need = [i for i, ev in enumerate(items) if ev.policy.needs == "router" or ev.want_probs]
-        if not need:
-            return {}
-        x = torch.cat([items[i].x for i in need])
-        t = torch.cat([items[i].t.to(x.dtype) for i in need])
-        with torch.no_grad():
-            logits = await resolve(self.router(x, t))
-        probs = torch.softmax(logits.float(), dim=-1).cpu()
-        return dict(zip(need, probs.split([len(items[i].x) for i in need]), strict=True))
+        """Router probabilities for the evaluations that need them: one forward per router
+        (runs admitted before and after a router was swapped in each keep theirs)."""
+        groups: list[tuple[Router, list[int]]] = []
+        for i, ev in enumerate(items):
+            router = ev.router if ev.router is not None else self.router
+            if router is None or not (ev.policy.needs == "router" or ev.want_probs):
+                continue
+            # == : a bound method is a new object at every access, equal to the others
+            same = next((g for g in groups if g[0] == router), None)
+            if same is None:
+                groups.append((router, [i]))
+            else:
+                same[1].append(i)
+        out: dict[int, torch.Tensor] = {}
+        for router, need in groups:
+            x = torch.cat([items[i].x for i in need])
+            t = torch.cat([items[i].t.to(x.dtype) for i in need])
+            with torch.no_grad():
+                logits = await resolve(router(x, t))
+            probs = torch.softmax(logits.float(), dim=-1).cpu()
+            out.update(zip(need, probs.split([len(items[i].x) for i in need]), strict=True))
+        return out
 
     @staticmethod
     def _distances(items: list[Evaluation]) -> dict[int, torch.Tensor]:

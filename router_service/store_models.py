@@ -47,9 +47,16 @@ from ddm_nodes.names import ROUTER_PREFIX, expert_prefix
 from ddm_nodes.registry import ExpertEntry, Registry, load_registry, registry_sha256
 from ddm_nodes.router_net import RouterNet
 from ddm_nodes.store import Store, open_store
-from router_service.expert_set import ExpertCard, ExpertSet
+from router_service.expert_set import ExpertCard, ExpertSet, RouterPin
 
-__all__ = ["ExpertCard", "StoreModels", "expert_card", "load_expert", "load_router"]
+__all__ = [
+    "ExpertCard",
+    "RouterPin",
+    "StoreModels",
+    "expert_card",
+    "load_expert",
+    "load_router",
+]
 
 
 def check_experts_present(store: Store, manifest: DatasetManifest, registry: Registry) -> None:
@@ -191,12 +198,17 @@ def registry_cards(store: Store, manifest: DatasetManifest) -> tuple[list[Expert
 
 
 def load_router(
-    store: Store, manifest: DatasetManifest, device: str | torch.device = "cpu"
-) -> RouterNet | None:
-    """The store's router network on `device`, or None when it has none."""
-    if not has_checkpoint(store, ROUTER_PREFIX):
+    store: Store,
+    manifest: DatasetManifest,
+    device: str | torch.device = "cpu",
+    pin: RouterPin | None = None,
+) -> RouterFn | None:
+    """The store's router on `device` (the version `pin` names, else the published one),
+    or None when it has none."""
+    if pin is None and not has_checkpoint(store, ROUTER_PREFIX):
         return None
-    loaded = load_model(store, ROUTER_PREFIX, kind="router")
+    ckpt = None if pin is None else open_pinned(store, pin.folder, pin.sha256)
+    loaded = load_model(store, ROUTER_PREFIX, kind="router", checkpoint=ckpt)
     check_dataset(
         store,
         loaded.checkpoint,
@@ -205,25 +217,36 @@ def load_router(
         "retrain it with `ddm submit --router --force`",
     )
     net = loaded.model
-    if net.config.num_clusters != manifest.num_clusters:
+    retrain = "retrain it with `ddm submit --router --force`"
+    # a router trained on a changed registry lists the expert ids it learnt; else it
+    # learnt the clusters
+    ids = loaded.training.get("model", {}).get("experts")
+    if ids is None and net.config.num_clusters != manifest.num_clusters:
         raise ManifestError(
             f"{store.url(ROUTER_PREFIX)} routes over {net.config.num_clusters} "
-            f"clusters but the dataset has {manifest.num_clusters}: retrain it with "
-            "`ddm submit --router`"
+            f"clusters but the dataset has {manifest.num_clusters}: {retrain}"
+        )
+    if ids is not None and (not ids or max(ids) >= net.config.num_clusters):
+        raise ManifestError(
+            f"{store.url(ROUTER_PREFIX)} lists experts {ids} it has no output for: {retrain}"
         )
     if net.config.in_channels != manifest.model_shape[2]:
         raise ManifestError(
             f"{store.url(ROUTER_PREFIX)} routes {net.config.in_channels}-channel states but "
-            f"the dataset's have {manifest.model_shape[2]}: retrain it with `ddm submit --router`"
+            f"the dataset's have {manifest.model_shape[2]}: {retrain}"
         )
-    return net.to(device).eval()
+    covers = frozenset(range(manifest.num_clusters) if ids is None else ids)
+    pinned = RouterPin(folder=loaded.checkpoint.folder, sha256=loaded.checkpoint.manifest_sha256)
+    return RouterFn(net.to(device).eval(), torch.device(device), covers, pinned)
 
 
 class RouterFn:
-    """logits = router(x_t, t), (N, K), under no_grad, on the router's device."""
+    """logits = router(x_t, t), (N, width), under no_grad, on the router's device; `ids`
+    are the experts it was trained on, `pin` its version."""
 
-    def __init__(self, net: RouterNet, device: torch.device):
-        self.net, self.device = net, device
+    def __init__(self, net: RouterNet, device: torch.device, ids: frozenset[int], pin: RouterPin):
+        self.net, self.device, self.ids, self.pin = net, device, ids, pin
+        self.width = int(net.config.num_clusters)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -240,6 +263,7 @@ class StoreModels:
         device: str | torch.device = "cpu",
         cards: list[ExpertCard] | None = None,
         registry_version: str = "",
+        router: RouterPin | None = None,
     ):
         self.store = store if isinstance(store, Store) else open_store(store)
         self.manifest = DatasetManifest.load(self.store)
@@ -251,9 +275,8 @@ class StoreModels:
         for card in cards:
             _expert_checkpoint(self.store, self.manifest, card, card)
         self.cards = cards
-        self.router_net: RouterNet | None = load_router(self.store, self.manifest, self.device)
-        # one callable for the models' life: a StepBatcher is bound to it
-        self._router = None if self.router_net is None else RouterFn(self.router_net, self.device)
+        # `router`: the version a deployment pinned (else the published one, if any)
+        self._router = load_router(self.store, self.manifest, self.device, router)
         # the clustering's space, on images (the analysis embeds real images in it)
         self.feature_space = FeatureSpace.load(self.store, self.manifest, self.device)
         self.codec = (
@@ -267,12 +290,21 @@ class StoreModels:
             if self.codec is None
             else DecodedFeatures(self.feature_space, self.codec)
         )
+        self._routers: dict[str, RouterFn] = {}  # versions swapped in since (expert_set_of)
         self.expert_set = self.expert_set_of(self.cards, version)
 
-    def expert_set_of(self, cards: list[ExpertCard], version: str = "") -> ExpertSet:
-        """The snapshot requests sample with, for these cards."""
-        width = None if self.router_net is None else self.router_net.config.num_clusters
-        return ExpertSet.build(cards, self.feature_space, self.codec, width, version)
+    def expert_set_of(
+        self, cards: list[ExpertCard], version: str = "", router: RouterPin | None = None
+    ) -> ExpertSet:
+        """The snapshot requests sample with, for these cards and this router version (it
+        is loaded once: the router the models hold until then stays theirs)."""
+        fn = self._router
+        if router is not None and (fn is None or fn.pin != router):
+            fn = self._routers.get(router.sha256) or load_router(
+                self.store, self.manifest, self.device, router
+            )
+            self._routers[router.sha256] = fn
+        return ExpertSet.build(cards, self.feature_space, self.codec, fn, version)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

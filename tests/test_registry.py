@@ -7,6 +7,7 @@ change under load through `ddm serve` is in test_serve.py."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from conftest import BindRecorder, build_tiny_ddm, run_ddm, run_ddm_in_process
 from cluster_jobs.analysis.analyze import preflight
 from cluster_jobs.analysis.config import AnalyzeConfig
 from cluster_jobs.data.shards import cluster_dataset
+from cluster_jobs.training.config import TrainConfig
+from cluster_jobs.training.router_data import mixed_samples, router_data
+from cluster_jobs.training.worker import train_local
 from ddm_nodes.checkpoint import open_checkpoint
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError, ManifestError
@@ -210,5 +214,48 @@ def test_experts_add_from_remove_and_sampling_over_sparse_ids(stores, tmp_path, 
         dense = step.decision.dense(K)
         assert torch.allclose(dense[:, [0, 2]], probs, atol=1e-5)
         assert dense[:, 1].abs().max() == 0
+
+    # --- a router trained on the current set: every expert's own data, labelled by id ---
+    again = run_ddm_in_process(
+        "experts", "add", "--store", home, "--from", f"{other}/experts/expert-000"
+    )
+    assert again.returncode == 0 and "added expert-004" in again.stdout  # ids never reused
+    assert not LocalExperts(home).expert_set.router_covers
+    data = router_data(open_store(home), manifest)
+    assert data.own == [0, 2] and [(d.expert_id, d.cluster) for d in data.copied] == [(4, 0)]
+    epoch = list(
+        mixed_samples(
+            data, open_store(home), manifest, "train", shuffle=0, seed=0, rank=0, world_size=1
+        )
+    )
+    counts = Counter(s["cluster"] for s in epoch)
+    want = {0: manifest.train[0].count, 2: manifest.train[2].count}
+    assert counts == {**want, 4: other_manifest.train[0].count}
+    theirs = {s["key"] for s in cluster_dataset(other, 0, "train")}
+    assert {s["key"] for s in epoch if s["cluster"] == 4} == theirs
+    assert len({s["cluster"] for s in epoch[:32]}) > 1  # mixed, not one source after another
+    train_local(
+        TrainConfig(
+            kind="router",
+            preset="router-tiny",
+            store=home,
+            steps=3,
+            batch_size=8,
+            checkpoint_every=3,
+            cpus_per_worker=1,
+            restart=True,
+        )
+    )
+    experts = LocalExperts(home)
+    served = experts.expert_set
+    assert served.router_covers and served.router.ids == {0, 2, 4} and served.width == 5
+    p, routed = _sampled(experts, SampleRequest(n=4, steps=3, strategy="top-2", seed=4), trace=True)
+    assert p.fallback_from is None and p.policy.name == "top-2"
+    assert (
+        routed.trace[0].probs.shape == (4, 5)
+        and routed.expert_calls[1] == routed.expert_calls[3] == 0
+    )
+
     assert run_ddm_in_process("experts", "remove", "--store", home, "0").returncode == 0
-    assert "last expert" in _fails(home, "remove", "--store", home, "expert-002")
+    assert run_ddm_in_process("experts", "remove", "--store", home, "2").returncode == 0
+    assert "last expert" in _fails(home, "remove", "--store", home, "expert-004")

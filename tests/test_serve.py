@@ -488,11 +488,15 @@ def _serving(url: str) -> dict:
     return httpx.get(f"{url}/v1/experts", headers=AUTH, timeout=10).json()
 
 
-def _until_serving(url: str, names: list[str], timeout_s: float) -> float:
-    """When GET /v1/experts first lists exactly `names`."""
+def _names(url: str) -> list[str]:
+    return [e["name"] for e in _serving(url)["experts"]]
+
+
+def _until(check, timeout_s: float, what: str) -> float:
+    """When `check()` first holds."""
     deadline = time.monotonic() + timeout_s
-    while [e["name"] for e in _serving(url)["experts"]] != names:
-        assert time.monotonic() < deadline, f"{names} not served within {timeout_s} s"
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
         time.sleep(0.5)
     return time.monotonic()
 
@@ -507,18 +511,19 @@ def _deployments(env: dict) -> set[str]:
 
 def test_experts_added_and_removed_live_under_load(served, store, ray_head, tmp_path_factory):
     """Eight clients sample without pause while `ddm experts add --from` brings in an
-    expert trained on other data (another clustering of digits), then `ddm experts remove`
-    takes one out: zero failed requests; every request samples with one whole set, the
-    one it was admitted with; requests admitted after the add use the new expert under
-    nearest-centroid (and top-2 falls back to it, as asked), and after the removal none
-    calls the removed one, whose deployment stays up for the requests admitted before."""
+    expert trained on other data (another clustering of digits), a router is trained on
+    the new set, and `ddm experts remove` takes one out: zero failed requests; every
+    request samples with one whole set and router, those it was admitted with. After the
+    add, requests use the new expert under nearest-centroid and top-2 falls back to it, as
+    asked; once the new router is swapped in, top-2 routes with it; after the removal none
+    calls the removed expert, whose deployment stays up for the requests admitted before."""
+    from cluster_jobs.training.config import TrainConfig
+    from cluster_jobs.training.worker import train_local
+
     other = build_tiny_ddm(tmp_path_factory.mktemp("elsewhere") / "store", 2, SIZE)
     old = [f"expert-{k:03d}" for k in range(K)]
     added, after = [*old, "expert-004"], ["expert-000", "expert-001", "expert-003", "expert-004"]
-    assert (
-        _serving(served)["registry"] == ""
-        and [e["name"] for e in _serving(served)["experts"]] == old
-    )
+    assert _serving(served)["registry"] == "" and _names(served) == old
     done: list[tuple[float, float, int, dict | str]] = []
     stop = False
 
@@ -545,14 +550,29 @@ def test_experts_added_and_removed_live_under_load(served, store, ray_head, tmp_
         add = run_ddm("experts", "add", "--store", store, "--from", f"{other}/experts/expert-001")
         assert add.returncode == 0, add.stderr
         wrote = time.monotonic()
-        live = _until_serving(served, added, 120)
+        live = _until(lambda: _names(served) == added, 120, "the added expert served")
         assert _serving(served)["router_current"] is False
-        time.sleep(5)
+        time.sleep(4)
+        trained = time.monotonic()
+        train_local(
+            TrainConfig(
+                kind="router",
+                preset="router-tiny",
+                store=store,
+                steps=3,
+                batch_size=8,
+                checkpoint_every=3,
+                cpus_per_worker=1,
+                restart=True,
+            )
+        )
+        swapped = _until(lambda: _serving(served)["router_current"], 120, "the new router")
+        time.sleep(4)
         remove = run_ddm("experts", "remove", "--store", store, "expert-002")
         assert remove.returncode == 0, remove.stderr
         asked = time.monotonic()
-        gone = _until_serving(served, after, 60)
-        time.sleep(5)
+        gone = _until(lambda: _names(served) == after, 60, "the removal served")
+        time.sleep(4)
         stop = True
         for c in clients:
             c.result()
@@ -561,6 +581,7 @@ def test_experts_added_and_removed_live_under_load(served, store, ray_head, tmp_
     figures = {
         "requests": len(done),
         "add_to_served_s": round(live - wrote, 1),
+        "router_trained_to_served_s": round(swapped - trained, 1),
         "remove_to_served_s": round(gone - asked, 1),
         "longest_request_s": round(max(end - start for start, end, *_ in done), 1),
     }
@@ -570,16 +591,24 @@ def test_experts_added_and_removed_live_under_load(served, store, ray_head, tmp_
     for start, _end, _, a in done:
         calls = a["usage"]["expert_calls"]
         assert sorted(calls) == a["experts"]  # counted over its own set only
+        top2 = "top-2" in (a["strategy"], a["fallback_from"])  # what its client asked for
         if start < wrote:  # admitted before the registry changed
             assert a["experts"] == old
-        if live < start < asked:  # admitted with the added expert
+        if live < start < trained:  # with the added expert and the old router
             assert a["experts"] == added
             assert a["strategy"] == "nearest-centroid" and calls["expert-004"] >= 1
-            assert a["fallback_from"] in (None, "top-2")
+            assert a["fallback_from"] == ("top-2" if top2 else None)
+        if swapped < start < asked:  # with the router trained on the new set
+            assert a["experts"] == added and a["strategy"] == (
+                "top-2" if top2 else "nearest-centroid"
+            )
+            assert a["fallback_from"] is None
         if start > gone:
             assert a["experts"] == after and "expert-002" not in calls
-    # requests in flight across each change finished on the set they were admitted with
+            assert a["fallback_from"] is None  # the new router covers a subset of its set
+    # requests in flight across each change finished as they were admitted
     assert any(a["experts"] == old and end > live for _, end, _, a in done)
+    assert any(a["fallback_from"] == "top-2" and end > swapped for _, end, _, a in done)
     assert any(a["experts"] == added and end > gone for _, end, _, a in done)
     # the removed expert's deployment stays for requests admitted before (retire_after_s)
     assert {"expert-002", "expert-004", "experts", "router"} <= _deployments(ray_head)

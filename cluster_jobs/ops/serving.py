@@ -1,7 +1,8 @@
 """`ddm serve`: the Serve application (router + one deployment per expert) on a Ray cluster,
 in the foreground until Ctrl-C or SIGTERM, which delete that application again. While it
-runs it watches the store's expert registry: after `ddm experts add|remove` it deploys the
-application built from the new registry, which Serve applies in place (app.py).
+runs it watches the store's expert registry and router: after `ddm experts add|remove` or a
+router retrained it deploys the application built from the store as it is now, which Serve
+applies in place (app.py).
 
 Ray: the cluster in RAY_ADDRESS (host:port of a GCS), else the head `ddm cluster up`
 started (its token auth is picked up), else a Ray inside this process on 127.0.0.1 with
@@ -101,20 +102,25 @@ def _wait_ready(url: str, app_name: str, deadline: float) -> None:
     raise DDMError(f"the service at {url} did not become ready within {READY_TIMEOUT_S} s")
 
 
-def registry_state(args: AppArgs) -> tuple[str | None, tuple[int, ...]]:
-    """What the app is built from that `ddm experts` changes: experts.json's hash and the
-    removed experts whose deployments still run (a change in either: build it again)."""
+def registry_state(args: AppArgs) -> tuple[str | None, str | None, tuple[int, ...]]:
+    """What the app is built from that changes while it serves: experts.json's hash, the
+    router's published version and the removed experts whose deployments still run (a
+    change in any: build it again)."""
+    from ddm_nodes.checkpoint import POINTER_FILE
     from ddm_nodes.dataset_manifest import DatasetManifest
+    from ddm_nodes.names import ROUTER_PREFIX
     from ddm_nodes.registry import load_registry, registry_sha256
-    from ddm_nodes.store import open_store
+    from ddm_nodes.store import open_store, sha256_bytes
 
     store = open_store(args.store)
+    pointer = f"{ROUTER_PREFIX}/{POINTER_FILE}"
+    router = sha256_bytes(store.get_bytes(pointer)) if store.exists(pointer) else None
     try:
         registry = load_registry(store, DatasetManifest.load(store))
     except DDMError:  # half-written by hand, say: the build after it reports the error
-        return ("unreadable", ())
+        return ("unreadable", router, ())
     retiring = tuple(e.id for e in registry.retiring(args.retire_after_s))
-    return registry_sha256(store), retiring
+    return registry_sha256(store), router, retiring
 
 
 def serve_running(host: str, port: int, app_name: str, route_prefix: str) -> bool:
@@ -214,7 +220,7 @@ def serve_forever(
             except DDMError as e:  # keep serving what runs; say why the change is not served
                 print(f"error: the changed registry is not served: {e}", file=sys.stderr)
                 continue
-            print("the expert registry changed: updating the application", flush=True)
+            print("the expert registry or router changed: updating the application", flush=True)
             serve.run(
                 app,
                 name=app_name,

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cluster_jobs.data.shards import IMAGE, clusters_dataset
 from cluster_jobs.training.config import TrainConfig
+from cluster_jobs.training.router_data import RouterData, mixed_samples
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
 from ddm_nodes.store import Store
@@ -59,11 +60,14 @@ def loader_batches(
     world: int = 1,
     split: Literal["train", "heldout"] = "train",
     fields: frozenset[str] = IMAGE,
+    mixed: RouterData | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches of `clusters`' samples (this rank's share, its `fields` decoded),
-    reshuffled every epoch, decoded in `loader_workers(cfg)` worker processes."""
-    batches = RankBatches(cfg, store, manifest, clusters, rank, world, split, fields)
-    workers = loader_workers(cfg)
+    reshuffled every epoch, decoded in `loader_workers(cfg)` worker processes. `mixed`: a
+    router's data over several stores (router_data.py) instead, decoded in this process
+    (its sources are interleaved after decoding, where loader workers cannot split it)."""
+    batches = RankBatches(cfg, store, manifest, clusters, rank, world, split, fields, mixed)
+    workers = 0 if mixed is not None else loader_workers(cfg)
     if workers == 0:
         yield from batches
         return
@@ -93,12 +97,16 @@ class RankBatches(IterableDataset):
         world: int,
         split: Literal["train", "heldout"],
         fields: frozenset[str] = IMAGE,
+        mixed: RouterData | None = None,
     ):
         self.cfg, self.store, self.manifest = cfg, store, manifest
         self.clusters, self.rank, self.world, self.split = list(clusters), rank, world, split
-        self.fields = fields
+        self.fields, self.mixed = fields, mixed
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.mixed is not None:
+            yield from self._mixed_epochs(self.mixed)
+            return
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         size = self.cfg.batch_size
@@ -124,6 +132,29 @@ class RankBatches(IterableDataset):
             if own.count == 0:
                 raise DDMError(f"{self.cfg.name}: no training samples in {self.store.uri}")
             first += max(1, own.count // size)  # the batches this epoch yielded
+            epoch += 1
+
+    def _mixed_epochs(self, data: RouterData) -> Iterator[dict[str, torch.Tensor]]:
+        size, epoch = self.cfg.batch_size, 0
+        while True:
+            samples = mixed_samples(
+                data,
+                self.store,
+                self.manifest,
+                self.split,
+                shuffle=self.cfg.shuffle_buffer,
+                seed=self.cfg.seed + EPOCH_SEED_STRIDE * epoch,
+                rank=self.rank,
+                world_size=self.world,
+                fields=self.fields,
+            )
+            seen = 0
+            for chunk in _chunks(samples, size):
+                if len(chunk) == size or seen < size:  # short: only a data set under a batch
+                    yield collate(chunk)
+                seen += len(chunk)
+            if seen == 0:
+                raise DDMError(f"{self.cfg.name}: no training samples for the router's experts")
             epoch += 1
 
 

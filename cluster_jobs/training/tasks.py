@@ -16,6 +16,7 @@ import torch
 from cluster_jobs.data.shards import clusters_dataset
 from cluster_jobs.training.config import TrainConfig
 from cluster_jobs.training.loader import batched, loader_batches
+from cluster_jobs.training.router_data import RouterData, router_data
 from ddm_nodes import flow
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
@@ -93,13 +94,20 @@ class FlowTask:
 
 
 class RouterTask:
-    """Cross-entropy on the cluster of x_0, at t uniform in [0, 1] (routing runs at every t)."""
+    """Cross-entropy on the cluster of x_0, at t uniform in [0, 1] (routing runs at every t);
+    over a changed expert registry, on the id of the expert whose data x_0 is
+    (router_data.py)."""
 
     def __init__(self, cfg: TrainConfig, manifest: DatasetManifest):
         self.field = input_field(cfg.kind, manifest)
         self.preset = get_router_preset(cfg.preset)
         self.channels = manifest.model_shape[2] if self.field == "latent" else manifest.channels
         self.num_clusters = manifest.num_clusters
+        self.data: RouterData | None = None
+        if cfg.kind == "router":
+            self.data = router_data(open_store(cfg.store), manifest)
+            if self.data is not None:
+                self.num_clusters = self.data.registry.width
 
     def build(self) -> torch.nn.Module:
         return RouterNet.from_preset(self.preset.name, self.channels, self.num_clusters)
@@ -116,11 +124,14 @@ class RouterTask:
         return torch.nn.functional.cross_entropy(logits.float(), batch["cluster"].to(dev))
 
     def spec_json(self) -> dict[str, Any]:
-        return {
+        spec = {
             "preset": self.preset.name,
             "channels": self.channels,
             "num_clusters": self.num_clusters,
         }
+        if self.data is not None:  # the ids it routes to (default: every cluster)
+            spec["experts"] = self.data.experts
+        return spec
 
 
 class FeatnetTask(RouterTask):
@@ -252,11 +263,15 @@ def validate(cfg: TrainConfig) -> tuple[Store, DatasetManifest]:
     task = make_task(cfg, manifest)
     if isinstance(task, FlowTask):
         Expert.create(task.spec)  # image size vs patch / downsampling
-    for k in training_clusters(cfg, manifest):
-        for shard in manifest.shards("train", k):
-            if not store.exists(shard.key):
+    sources = [(store, manifest, k) for k in training_clusters(cfg, manifest)]
+    if isinstance(task, RouterTask) and task.data is not None:
+        sources = [(store, manifest, k) for k in task.data.own]
+        sources += [(d.store, d.manifest, d.cluster) for d in task.data.copied]
+    for where, m, k in sources:
+        for shard in m.shards("train", k):
+            if not where.exists(shard.key):
                 raise DDMError(
-                    f"shard {store.url(shard.key)} of cluster {k} is missing; re-run "
+                    f"shard {where.url(shard.key)} of cluster {k} is missing; re-run "
                     "`ddm prepare --overwrite`"
                 )
     return store, manifest
@@ -299,7 +314,8 @@ def batch_stream(
     `loader_workers` processes (loader.py)."""
     clusters = training_clusters(cfg, manifest)
     fields = frozenset({input_field(cfg.kind, manifest)})
-    yield from loader_batches(cfg, store, manifest, clusters, rank, world, split, fields)
+    mixed = router_data(store, manifest) if cfg.kind == "router" else None
+    yield from loader_batches(cfg, store, manifest, clusters, rank, world, split, fields, mixed)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
