@@ -9,6 +9,7 @@ decoder through the handle it was bound with. app.py builds the graph.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import numpy as np
@@ -28,6 +29,7 @@ from router_service.service import Admission, SamplingService
 from router_service.store_models import ExpertCard, StoreModels, load_expert
 
 _initial = BatchConfig()
+log = logging.getLogger("ddm.serve")
 
 
 @serve.deployment
@@ -196,7 +198,15 @@ class RouterServer:
         """RUNNING replicas per deployment of this app, from the controller (cached 1 s)."""
         at, counts = self._counts
         if time.monotonic() - at > 1.0:
-            status = await asyncio.to_thread(serve.status)
+            try:
+                status = await asyncio.to_thread(serve.status)
+            except Exception as e:  # the controller mid-update: the last counts stand
+                log.warning(
+                    "serve.status() failed (%s: %s); using the last replica counts",
+                    type(e).__name__,
+                    str(e)[:200],
+                )
+                return counts
             app = status.applications.get(self.app_name)
             deployments = app.deployments if app is not None else {}
             counts = {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}

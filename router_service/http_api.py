@@ -250,7 +250,12 @@ def make_api(get_service: Callable[[], SamplingService]) -> FastAPI:
             _authorize(service, request)
         except HTTPError as e:
             return error_response(e.status, e.kind, e.message, headers=e.headers)
-        return JSONResponse((await service.experts_info()).model_dump(mode="json"))
+        try:
+            return JSONResponse((await service.experts_info()).model_dump(mode="json"))
+        except Exception:  # as for sampling: the details to the log, not to the client
+            rid = request_id(request)
+            log.exception("request %s (GET /v1/experts) failed", rid)
+            return error_response(500, "internal_error", f"internal error; request id {rid}")
 
     @api.get("/healthz")
     async def healthz() -> dict:

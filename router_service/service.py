@@ -241,10 +241,14 @@ class SamplingService:
     async def current_set(self) -> ExpertSet:
         """The set new requests get: the pending one as soon as each of its experts has a
         running replica (an added expert's deployment takes seconds to start)."""
-        if self.pending is not None:
+        pending = self.pending  # concurrent requests await the counts: keep this one's view
+        if pending is not None:
             counts = await self.replica_counts() if self.replica_counts else {}
-            if self.replica_counts is None or all(counts.get(n, 0) > 0 for n in self.pending.names):
-                self.expert_set, self.pending = self.pending, None
+            running = self.replica_counts is None or all(
+                counts.get(n, 0) > 0 for n in pending.names
+            )
+            if running and self.pending is pending:  # not replaced by a newer one meanwhile
+                self.expert_set, self.pending = pending, None
         return self.expert_set
 
     def _report_load(self) -> None:

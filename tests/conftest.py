@@ -234,6 +234,25 @@ def head_log_tails(env: dict, lines: int = 15) -> str:
     return "".join(tails)
 
 
+def log_lines_about(env: dict, needle: str, after: int = 40) -> str:
+    """Every line of the head's Ray logs (replicas' and workers') that mentions `needle`
+    (a request id), with the `after` lines that follow it: the traceback behind a 500,
+    when a test fails on one."""
+    cluster = Path(env.get("DDM_CLUSTER_DIR", "")) / "cluster.json"
+    if not cluster.is_file():
+        return ""
+    logs = Path(json.loads(cluster.read_text()).get("temp_dir") or "") / "session_latest" / "logs"
+    found = []
+    for log in sorted(logs.rglob("*")):
+        if not log.is_file() or log.suffix not in (".log", ".err", ".out"):
+            continue
+        lines = log.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            if needle in line:
+                found.append(f"\n--- {log.name}:{i + 1} ---\n" + "\n".join(lines[i : i + after]))
+    return "".join(found)
+
+
 @contextlib.contextmanager
 def ddm_serving(store: str | Path, env: dict, folder: Path, *args: str) -> Iterator[str]:
     """`ddm serve --store STORE ARGS` in the foreground as a user runs it, on a free port;

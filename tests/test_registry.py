@@ -6,6 +6,7 @@ change under load through `ddm serve` is in test_serve.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from datetime import timedelta
@@ -35,6 +36,7 @@ from router_service.expert_set import ExpertCard
 from router_service.local_experts import LocalExperts
 from router_service.sampler import initial_noise, sample, time_grid
 from router_service.schemas import Limits, RequestError, SampleRequest
+from router_service.service import SamplingService
 
 K, SIZE = 3, 8
 
@@ -259,3 +261,29 @@ def test_experts_add_from_remove_and_sampling_over_sparse_ids(stores, tmp_path, 
     assert run_ddm_in_process("experts", "remove", "--store", home, "0").returncode == 0
     assert run_ddm_in_process("experts", "remove", "--store", home, "2").returncode == 0
     assert "last expert" in _fails(home, "remove", "--store", home, "expert-004")
+
+
+def test_a_changed_set_is_served_once_its_replicas_run(stores):
+    """`offer`ed sets wait for a running replica of each expert; requests that look at
+    the same moment (each awaiting the replica counts) all get the new set, none an error."""
+    _, other = stores
+    experts = LocalExperts(other)
+    counts = {"expert-000": 1, "expert-001": 0}
+
+    async def replica_counts() -> dict[str, int]:
+        await asyncio.sleep(0.01)
+        return dict(counts)
+
+    service = SamplingService(experts, experts, replica_counts=replica_counts)
+    before, changed = service.expert_set, experts.expert_set_of(experts.cards, "a" * 64)
+    service.offer(changed)
+
+    async def look():
+        waiting = await service.current_set()
+        counts["expert-001"] = 1
+        return waiting, await asyncio.gather(*(service.current_set() for _ in range(4)))
+
+    waiting, seen = asyncio.run(look())
+    assert waiting is before and all(s is changed for s in seen) and service.pending is None
+    service.offer(experts.expert_set_of(experts.cards, "a" * 64))  # the same set: no change
+    assert service.pending is None

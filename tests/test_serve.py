@@ -39,6 +39,7 @@ from conftest import (
     ddm_serving,
     free_port,
     listening_sockets,
+    log_lines_about,
     run_ddm,
 )
 
@@ -484,12 +485,15 @@ def test_prometheus_sees_every_serving_series(served, prometheus):
     assert batch, "no batch-size histogram"
 
 
-def _serving(url: str) -> dict:
-    return httpx.get(f"{url}/v1/experts", headers=AUTH, timeout=10).json()
+def _serving(url: str, env: dict | None = None) -> dict:
+    reply = httpx.get(f"{url}/v1/experts", headers=AUTH, timeout=10)
+    rid = reply.headers.get("x-request-id", "?")
+    assert reply.status_code == 200, reply.text + (log_lines_about(env, rid) if env else "")
+    return reply.json()
 
 
-def _names(url: str) -> list[str]:
-    return [e["name"] for e in _serving(url)["experts"]]
+def _names(url: str, env: dict | None = None) -> list[str]:
+    return [e["name"] for e in _serving(url, env)["experts"]]
 
 
 def _until(check, timeout_s: float, what: str) -> float:
@@ -509,6 +513,34 @@ def _deployments(env: dict) -> set[str]:
     return set(out.strip().split(","))
 
 
+def _change_the_set_live(
+    served: str, env: dict, store: str, other: str, added: list[str], after: list[str]
+) -> tuple[float, ...]:
+    """Add an expert, train a router on the new set, remove one, while clients sample;
+    when each change was made and when it was served."""
+    from cluster_jobs.training.config import TrainConfig
+    from cluster_jobs.training.worker import train_local
+
+    time.sleep(3)
+    add = run_ddm("experts", "add", "--store", store, "--from", f"{other}/experts/expert-001")
+    assert add.returncode == 0, add.stderr
+    wrote = time.monotonic()
+    live = _until(lambda: _names(served, env) == added, 120, "the added expert served")
+    assert _serving(served, env)["router_current"] is False
+    time.sleep(4)
+    trained = time.monotonic()
+    router = dict(kind="router", preset="router-tiny", steps=3, batch_size=8, checkpoint_every=3)
+    train_local(TrainConfig(**router, store=store, cpus_per_worker=1, restart=True))
+    swapped = _until(lambda: _serving(served, env)["router_current"], 120, "the new router")
+    time.sleep(4)
+    remove = run_ddm("experts", "remove", "--store", store, "expert-002")
+    assert remove.returncode == 0, remove.stderr
+    asked = time.monotonic()
+    gone = _until(lambda: _names(served, env) == after, 60, "the removal served")
+    time.sleep(4)
+    return wrote, live, trained, swapped, asked, gone
+
+
 def test_experts_added_and_removed_live_under_load(served, store, ray_head, tmp_path_factory):
     """Eight clients sample without pause while `ddm experts add --from` brings in an
     expert trained on other data (another clustering of digits), a router is trained on
@@ -517,9 +549,6 @@ def test_experts_added_and_removed_live_under_load(served, store, ray_head, tmp_
     add, requests use the new expert under nearest-centroid and top-2 falls back to it, as
     asked; once the new router is swapped in, top-2 routes with it; after the removal none
     calls the removed expert, whose deployment stays up for the requests admitted before."""
-    from cluster_jobs.training.config import TrainConfig
-    from cluster_jobs.training.worker import train_local
-
     other = build_tiny_ddm(tmp_path_factory.mktemp("elsewhere") / "store", 2, SIZE)
     old = [f"expert-{k:03d}" for k in range(K)]
     added, after = [*old, "expert-004"], ["expert-000", "expert-001", "expert-003", "expert-004"]
@@ -546,36 +575,13 @@ def test_experts_added_and_removed_live_under_load(served, store, ray_head, tmp_
 
     with ThreadPoolExecutor(8) as pool:
         clients = [pool.submit(client, c) for c in range(8)]
-        time.sleep(3)
-        add = run_ddm("experts", "add", "--store", store, "--from", f"{other}/experts/expert-001")
-        assert add.returncode == 0, add.stderr
-        wrote = time.monotonic()
-        live = _until(lambda: _names(served) == added, 120, "the added expert served")
-        assert _serving(served)["router_current"] is False
-        time.sleep(4)
-        trained = time.monotonic()
-        train_local(
-            TrainConfig(
-                kind="router",
-                preset="router-tiny",
-                store=store,
-                steps=3,
-                batch_size=8,
-                checkpoint_every=3,
-                cpus_per_worker=1,
-                restart=True,
-            )
-        )
-        swapped = _until(lambda: _serving(served)["router_current"], 120, "the new router")
-        time.sleep(4)
-        remove = run_ddm("experts", "remove", "--store", store, "expert-002")
-        assert remove.returncode == 0, remove.stderr
-        asked = time.monotonic()
-        gone = _until(lambda: _names(served) == after, 60, "the removal served")
-        time.sleep(4)
-        stop = True
+        try:
+            changes = _change_the_set_live(served, ray_head, store, other, added, after)
+        finally:
+            stop = True
         for c in clients:
             c.result()
+    wrote, live, trained, swapped, asked, gone = changes
     failed = [(code, answer) for _, _, code, answer in done if code != 200]
     assert not failed, failed[:3]
     figures = {
