@@ -2,16 +2,18 @@
 Serve deployments: one expert, the router, and each expert's identity card.
 
 `StoreModels` is what the routing side of sampling needs from a store (the dataset
-manifest, the router, the feature space and every expert's card, but no expert weights):
-the Serve router holds one; `LocalExperts` extends it with the experts themselves.
+manifest, the router, the feature space and the card of every expert of its registry, but
+no expert weights), and the `ExpertSet` requests sample with: the Serve router holds one;
+`LocalExperts` extends it with the experts themselves.
 
 Every load verifies each file's sha256 before it is parsed (nothing unpickled) and is
-checked against the dataset manifest: the expert must have been trained on this clustering
-(the dataset.json hash it recorded), on the cluster it is loaded for, and make the data
-set's state shape. An expert is built from the spec its training.json records, its
-config.json must agree with that spec, and its weights are loaded strictly (every tensor,
-no more). A card pins the version it describes, so a replica loads exactly what the router
-advertises (`load_expert(..., card=)`).
+checked against the data its registry entry names: the expert must have been trained on
+this clustering (the dataset.json hash it recorded) or, copied from another store, on the
+dataset recorded when it was copied; on its cluster; and make the data set's state shape.
+An expert is built from the spec its training.json records, its config.json must agree
+with that spec, and its weights are loaded strictly (every tensor, no more). A card pins
+the version it describes, so a replica loads exactly what the router advertises
+(`load_expert(store, manifest, card)`); a `RouterPin` does the same for the router.
 
 In a latent dataset the experts and router work on VAE latents: `state_shape` is the
 latents' shape, `decoder` turns final states into images (one decode per request, here in
