@@ -4,6 +4,7 @@ for expert 3, through `expert_name`, so no two places can disagree."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 Kind = Literal["expert", "router", "monolith", "featnet", "vae"]
@@ -24,6 +25,15 @@ def expert_name(k: int) -> str:
 def expert_prefix(k: int) -> str:
     """Expert k's checkpoint folder in the store."""
     return f"{EXPERTS_FOLDER}/{expert_name(k)}"
+
+
+_EXPERT_URI = re.compile(rf"^(?P<store>.+)/{EXPERTS_FOLDER}/expert-(?P<id>[0-9]{{3}})/?$")
+
+
+def split_expert_uri(uri: str) -> tuple[str, int] | None:
+    """(store URI, expert id) of `STORE/experts/expert-NNN`, or None for another URI."""
+    m = _EXPERT_URI.match(uri.strip())
+    return None if m is None else (m["store"], int(m["id"]))
 
 
 def model_prefix(kind: Kind, cluster: int | None = None) -> str:

@@ -99,7 +99,7 @@ def _expert_checkpoint(
     )
     if ckpt.manifest.kind != "expert":
         raise ManifestError(f"{store.url(ckpt.folder)} holds a {ckpt.manifest.kind}, not an expert")
-    name = f"expert-{who.id:03d}"
+    name = who.name
     if who.dataset_sha256 is None:
         check_dataset(store, ckpt, manifest, name, RETRAIN_EXPERTS)
     elif ckpt.manifest.dataset_sha256 != who.dataset_sha256:

@@ -38,7 +38,7 @@ from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError, ManifestError
 from ddm_nodes.experts import ExpertSpec
 from ddm_nodes.features import FeatureSpace
-from ddm_nodes.names import EXPERTS_FOLDER, expert_prefix
+from ddm_nodes.names import EXPERTS_FOLDER, expert_prefix, split_expert_uri
 from ddm_nodes.registry import (
     REGISTRY_KEY,
     ExpertEntry,
@@ -51,7 +51,6 @@ from ddm_nodes.registry import (
 from ddm_nodes.store import Store, open_store
 from router_service.store_models import ExpertCard, expert_card, load_expert
 
-EXPERT_URI = re.compile(r"^(?P<store>.+)/experts/expert-(?P<id>[0-9]{3})/?$")
 DEFAULT_CENTROID_SAMPLES = 2048
 CENTROID_BATCH = 256
 
@@ -94,13 +93,13 @@ def list_experts(store_uri: str) -> dict:
 
 def parse_expert_uri(uri: str) -> tuple[str, int]:
     """(source store URI, expert id) of STORE/experts/expert-NNN."""
-    m = EXPERT_URI.match(uri.strip())
-    if m is None:
+    found = split_expert_uri(uri)
+    if found is None:
         raise DDMError(
             f"--from {uri!r} is not an expert folder: give STORE/experts/expert-NNN, e.g. "
             "s3://bucket/other-store/experts/expert-002"
         )
-    return m["store"], int(m["id"])
+    return found
 
 
 def _source_checkpoint(source: Store, expert_id: int, uri: str):

@@ -221,13 +221,24 @@ def serve_forever(
                 print(f"error: the changed registry is not served: {e}", file=sys.stderr)
                 continue
             print("the expert registry or router changed: updating the application", flush=True)
-            serve.run(
-                app,
-                name=app_name,
-                route_prefix=route_prefix,
-                blocking=False,
-                logging_config=logging,
-            )
+            try:
+                serve.run(
+                    app,
+                    name=app_name,
+                    route_prefix=route_prefix,
+                    blocking=False,
+                    logging_config=logging,
+                )
+            except Exception as e:  # e.g. an added expert's replica cannot load its weights
+                # the router keeps the set it serves until every expert of a new one runs
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                print(
+                    f"error: the update did not deploy ({type(e).__name__}: {first}); the "
+                    "set served before stays served",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                continue
             print(f"serving the updated registry at {url}", flush=True)
     except KeyboardInterrupt:
         pass

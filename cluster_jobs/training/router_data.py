@@ -25,10 +25,9 @@ from typing import Any, Literal
 from cluster_jobs.data.shards import IMAGE, clusters_dataset
 from ddm_nodes.dataset_manifest import DatasetManifest
 from ddm_nodes.errors import DDMError
+from ddm_nodes.names import split_expert_uri
 from ddm_nodes.registry import Registry, load_registry
 from ddm_nodes.store import Store, open_store
-
-EXPERT_FOLDER_SUFFIX = "/experts/expert-"
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,10 @@ def router_data(store: Store, manifest: DatasetManifest) -> RouterData | None:
             own.append(entry.cluster)
             continue
         uri = entry.provenance.uri or ""
-        source = open_store(uri[: uri.rindex(EXPERT_FOLDER_SUFFIX)])
+        found = split_expert_uri(uri)
+        if found is None:
+            raise DDMError(f"{entry.name}'s provenance URI {uri!r} is not an expert folder")
+        source = open_store(found[0])
         theirs = DatasetManifest.load(source)
         if theirs.sha256 != entry.dataset_sha256:
             raise DDMError(
